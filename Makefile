@@ -1,0 +1,43 @@
+# One command per job. `make demo` and `make test` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REFUND := $(VENV)/bin/refund
+PYTHON ?= python3
+N ?= 30
+
+.PHONY: install up down status demo test lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+up: install
+	$(REFUND) stack up
+
+down:
+	@if [ -x $(REFUND) ]; then $(REFUND) stack down; fi
+
+status: install
+	$(REFUND) stack status
+
+demo: install
+	$(PY) -m refundsaga.demo
+
+test: install
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean: down
+	rm -rf .data

@@ -1,0 +1,85 @@
+"""Runtime settings: one pydantic-settings model, read from `REFUND_*` environment variables."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Sandbox keys: the embedded stack's processor and AMS sandboxes accept these. They are
+# development values for local sandboxes only, never a real processor's or AMS's key.
+SANDBOX_PROCESSOR_KEY = "sk_test_sandbox"
+SANDBOX_AMS_KEY = "ams_test_sandbox"
+
+
+class Settings(BaseSettings):
+    """Everything the worker, the CLI and the embedded stack need, from the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REFUND_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    data_dir: Path = Field(default=Path(".data"), description="State, logs and pid files")
+
+    # Temporal
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "refund-saga"
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+
+    # OASIS store; None means the SQLite file `<data_dir>/oasis.db`.
+    database_url: str | None = None
+    database_pool_size: int = 5
+
+    # Processor (Stripe-compatible refunds API)
+    processor_url: str = "http://127.0.0.1:8301"
+    processor_api_key: SecretStr = SecretStr(SANDBOX_PROCESSOR_KEY)
+    processor_timeout_s: float = 10.0
+
+    # AMS entitlement API
+    ams_url: str = "http://127.0.0.1:8302"
+    ams_api_key: SecretStr = SecretStr(SANDBOX_AMS_KEY)
+    ams_timeout_s: float = 10.0
+
+    # Approval policy
+    approvers: Annotated[list[str], NoDecode] = Field(default=["alice", "bob", "carol"])
+    dual_approval_cents: int = Field(default=50_000, ge=0)
+    auto_approve_below_cents: int = Field(default=0, ge=0)
+    approval_timeout: timedelta = timedelta(hours=72)
+    approval_reminder_every: timedelta = timedelta(hours=24)
+    ams_reminder_every: timedelta = timedelta(hours=24)
+    ams_escalate_after: timedelta = timedelta(hours=72)
+
+    # Embedded stack ports
+    temporal_port: int = 7233
+    ui_port: int = 8233
+    processor_port: int = 8301
+    ams_port: int = 8302
+
+    # Worker
+    max_concurrent_activities: int = 50
+    max_concurrent_workflow_tasks: int = 50
+    log_format: Literal["auto", "json", "text"] = "auto"
+
+    @field_validator("approvers", mode="before")
+    @classmethod
+    def _split_approvers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL of the OASIS store."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'oasis.db').resolve()}"
+
+
+def get_settings() -> Settings:
+    """Read the settings from the environment (and `.env`), once per call."""
+    return Settings()
