@@ -1,0 +1,1 @@
+"""Temporal activities: thin adapters from the saga to the store, the processor and the AMS."""

@@ -1,0 +1,358 @@
+"""The RefundSaga's activities: each a thin adapter over one domain client.
+
+Activities translate domain outcomes into Temporal terms: business failures become
+non-retryable `ApplicationError`s whose `type` the workflow branches on; transient failures
+are raised as retryable errors so Temporal retries them with backoff. Every activity is safe
+to run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from refundsaga.access import decide_access
+from refundsaga.ams import AmsClient, AmsError
+from refundsaga.approval import required_approvals
+from refundsaga.contracts import (
+    AmsAction,
+    AmsRemovalInput,
+    AmsRemovalResult,
+    ApprovalPolicy,
+    CloseInput,
+    DeactivateInput,
+    Notification,
+    PrepareInput,
+    ProcessorRefundInput,
+    ProcessorRefundResult,
+    ReconcileInput,
+    ReconcileResult,
+    RecordRefundsInput,
+    RefundPlan,
+    RevokeInput,
+    SagaState,
+    SettleInput,
+    VerifyInput,
+)
+from refundsaga.models import AccessDecision, LedgerEntry, RecordRefundsResult, RevokeResult
+from refundsaga.notify import Notifier
+from refundsaga.processor import ChargeNotFound, ProcessorClient, ProcessorError, ProcessorRefund
+from refundsaga.store import OasisStore, PurchaseNotFound, StoreError
+
+INVALID_REQUEST = "InvalidRefundRequest"
+
+
+def _invalid(message: str) -> ApplicationError:
+    return ApplicationError(message, type=INVALID_REQUEST, non_retryable=True)
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Domain errors in, Temporal errors out: the type names the domain error."""
+    try:
+        yield
+    except (ProcessorError, AmsError) as err:
+        raise ApplicationError(
+            err.message, type=type(err).__name__, non_retryable=not err.retryable
+        ) from err
+    except PurchaseNotFound as err:
+        raise ApplicationError(str(err), type="PurchaseNotFound", non_retryable=True) from err
+    except StoreError as err:
+        # Store errors are refusals of inconsistent data, not outages: a person must look.
+        raise ApplicationError(str(err), type="StoreRefused", non_retryable=True) from err
+
+
+def _result(refund: ProcessorRefund) -> ProcessorRefundResult:
+    return ProcessorRefundResult(
+        refund_id=refund.id,
+        status=refund.status,
+        amount_cents=refund.amount_cents,
+        currency=refund.currency,
+        failure_reason=refund.failure_reason,
+    )
+
+
+class RefundActivities:
+    """The saga's activities, bound to the clients the worker hands in at start."""
+
+    def __init__(
+        self,
+        *,
+        store: OasisStore,
+        processor: ProcessorClient,
+        ams: AmsClient,
+        notifier: Notifier,
+        policy: ApprovalPolicy,
+    ) -> None:
+        self._store = store
+        self._processor = processor
+        self._ams = ams
+        self._notifier = notifier
+        self._policy = policy
+
+    @activity.defn
+    async def prepare_refund(self, inp: PrepareInput) -> RefundPlan:
+        """Step 1: load the purchase, read the charge, validate the amount, plan every step."""
+        req = inp.request
+        with _translated():
+            purchase = await asyncio.to_thread(self._store.load_purchase, req.purchase_id)
+            if purchase is None:
+                raise _invalid(f"purchase {req.purchase_id} does not exist")
+            if req.currency and req.currency != purchase.currency:
+                raise _invalid(
+                    f"currency {req.currency} does not match the purchase's {purchase.currency}"
+                )
+            rest = purchase.refundable_cents
+            try:
+                charge = await self._processor.get_charge(purchase.processor_charge_id)
+            except ChargeNotFound as err:
+                raise _invalid(
+                    f"the processor does not know charge {purchase.processor_charge_id}"
+                ) from err
+        processor_rest = max(charge.amount_cents - charge.amount_refunded_cents, 0)
+        already = processor_rest == 0
+        if rest == 0 and not already:
+            raise _invalid(f"purchase {purchase.purchase_id} is already fully refunded in OASIS")
+        amount = req.amount_cents if req.amount_cents is not None else rest
+        if amount > rest and not already:
+            raise _invalid(
+                f"amount {amount} exceeds the unrefunded rest of {rest} {purchase.currency}"
+            )
+        if not already and amount > processor_rest:
+            raise _invalid(
+                f"the processor can refund only {processor_rest} {purchase.currency} more "
+                f"({charge.amount_refunded_cents} already refunded there); ask for at most that"
+            )
+        full = already or amount == rest
+        revoke = full if req.revoke_progress is None else req.revoke_progress
+        remove = full if req.remove_entitlement is None else req.remove_entitlement
+        ams_action: AmsAction = "none"
+        if remove:
+            if purchase.entitlement_source == "ams":
+                if not purchase.ams_member_id:
+                    raise _invalid(
+                        f"user {purchase.user_id} has no AMS member id; the AMS entitlement "
+                        "cannot be removed"
+                    )
+                ams_action = "remove_via_api"
+            elif purchase.entitlement_source == "ams_manual":
+                ams_action = "manual_task"
+            else:
+                ams_action = "deactivate_purchase"
+        moved = 0 if already else amount
+        return RefundPlan(
+            purchase_id=purchase.purchase_id,
+            user_id=purchase.user_id,
+            product_id=purchase.product_id,
+            product_code=purchase.product_code,
+            entitlement_source=purchase.entitlement_source,
+            ams_member_id=purchase.ams_member_id,
+            charge_id=purchase.processor_charge_id,
+            currency=purchase.currency,
+            purchase_amount_cents=purchase.amount_cents,
+            ledger_refunded_cents=purchase.refunded_cents,
+            processor_refunded_cents=charge.amount_refunded_cents,
+            amount_cents=moved,
+            full_refund=full,
+            already_refunded=already,
+            revoke_progress=revoke,
+            progress_records=purchase.progress_count if revoke else 0,
+            remove_entitlement=remove,
+            ams_action=ams_action,
+            required_approvals=required_approvals(self._policy, moved),
+            policy=self._policy,
+        )
+
+    @activity.defn
+    async def refund_at_processor(self, inp: ProcessorRefundInput) -> ProcessorRefundResult:
+        """Step 3, the pivot: refund at the processor under the saga's idempotency key."""
+        with _translated():
+            refund = await self._processor.create_refund(
+                charge_id=inp.charge_id,
+                amount_cents=inp.amount_cents,
+                idempotency_key=inp.idempotency_key,
+                metadata={"workflow_id": inp.workflow_id, "purchase_id": str(inp.purchase_id)},
+                reason="requested_by_customer",
+            )
+        if refund.status == "failed":
+            raise ApplicationError(
+                f"the processor failed refund {refund.id}: {refund.failure_reason}",
+                type="RefundFailed",
+                non_retryable=True,
+            )
+        return _result(refund)
+
+    @activity.defn
+    async def await_refund_settled(self, inp: SettleInput) -> ProcessorRefundResult:
+        """Follow a pending refund: retried by Temporal (with backoff) until it settles."""
+        with _translated():
+            refund = await self._processor.get_refund(inp.refund_id)
+        if refund.status == "pending":
+            raise ApplicationError(f"refund {refund.id} is still pending", type="RefundPending")
+        if refund.status != "succeeded":
+            raise ApplicationError(
+                f"refund {refund.id} ended {refund.status}: {refund.failure_reason}",
+                type="RefundFailed",
+                non_retryable=True,
+            )
+        return _result(refund)
+
+    @activity.defn
+    async def record_refunds(self, inp: RecordRefundsInput) -> RecordRefundsResult:
+        """Step 4: write the refund into the OASIS ledger (unique by processor refund id)."""
+        with _translated():
+            return await asyncio.to_thread(
+                lambda: self._store.record_refunds(
+                    inp.purchase_id, inp.entries, workflow_id=inp.workflow_id
+                )
+            )
+
+    @activity.defn
+    async def reconcile_external_refunds(self, inp: ReconcileInput) -> ReconcileResult:
+        """Step 4b: record the refunds the processor already holds as `external`."""
+        with _translated():
+            refunds = await self._processor.list_refunds(inp.charge_id)
+            entries = [
+                LedgerEntry(
+                    processor_refund_id=r.id,
+                    amount_cents=r.amount_cents,
+                    currency=r.currency,
+                    source="external",
+                    status="succeeded" if r.status == "succeeded" else "pending",
+                )
+                for r in refunds
+                if r.status in ("succeeded", "pending") and r.amount_cents > 0
+            ]
+            result = await asyncio.to_thread(
+                lambda: self._store.record_refunds(
+                    inp.purchase_id, entries, workflow_id=inp.workflow_id
+                )
+            )
+        return ReconcileResult(entries=entries, refunded_cents=result.refunded_cents)
+
+    @activity.defn
+    async def revoke_progress(self, inp: RevokeInput) -> RevokeResult:
+        """Step 5: archive the user's progress, then delete it, in one transaction."""
+        with _translated():
+            return await asyncio.to_thread(
+                lambda: self._store.revoke_progress(
+                    purchase_id=inp.purchase_id,
+                    user_id=inp.user_id,
+                    product_id=inp.product_id,
+                    workflow_id=inp.workflow_id,
+                )
+            )
+
+    @activity.defn
+    async def remove_ams_entitlement(self, inp: AmsRemovalInput) -> AmsRemovalResult:
+        """Step 6 (api): remove the entitlement in the AMS; already gone counts as done."""
+        with _translated():
+            removal = await self._ams.remove_entitlement(
+                inp.member_id, inp.product_code, idempotency_key=inp.idempotency_key
+            )
+        return AmsRemovalResult(removed=removal.removed, already_absent=removal.already_absent)
+
+    @activity.defn
+    async def deactivate_purchase(self, inp: DeactivateInput) -> None:
+        """Step 6 (oasis products): end the entitlement the OASIS purchase grants."""
+        with _translated():
+            await asyncio.to_thread(
+                lambda: self._store.end_entitlement(
+                    purchase_id=inp.purchase_id, workflow_id=inp.workflow_id
+                )
+            )
+
+    @activity.defn
+    async def verify_access(self, inp: VerifyInput) -> AccessDecision:
+        """Step 7: evaluate the OASIS access rule for the user and product."""
+        with _translated():
+            facts = await asyncio.to_thread(
+                self._store.access_facts, inp.user_id, inp.product_id
+            )
+            ams_entitled: bool | None = None
+            if inp.entitlement_source == "ams":
+                ams_entitled = bool(inp.ams_member_id) and await self._ams.has_active_entitlement(
+                    inp.ams_member_id or "", inp.product_code
+                )
+            elif inp.entitlement_source == "ams_manual":
+                # No integration: only a person's confirmation says the AMS entitlement is gone.
+                ams_entitled = not inp.ams_removal_confirmed
+        return decide_access(
+            entitlement_source=inp.entitlement_source,
+            progress_count=facts.progress_count,
+            active_purchase=facts.active_purchase,
+            ams_entitled=ams_entitled,
+        )
+
+    @activity.defn
+    async def close_saga(self, inp: CloseInput) -> None:
+        """Step 8 and every other end: purchase status, audit trail, final notification."""
+        decisions: list[tuple[str, str, dict[str, object]]] = [
+            (
+                "approved" if a.approve else "rejected",
+                a.approver,
+                {"at": a.at.isoformat(), "comment": a.comment},
+            )
+            for a in inp.approvals
+        ] + [
+            (
+                f"ops_{r.action}",
+                r.operator,
+                {"step": r.step, "at": r.at.isoformat(), "note": r.note},
+            )
+            for r in inp.resolutions
+        ]
+        with _translated():
+            if inp.state == SagaState.COMPLETED:
+                await asyncio.to_thread(
+                    lambda: self._store.complete_refund(
+                        purchase_id=inp.purchase_id,
+                        workflow_id=inp.workflow_id,
+                        outcome=inp.state.value,
+                        revoked=inp.revoked,
+                    )
+                )
+            first = await asyncio.to_thread(
+                lambda: self._store.record_saga_end(
+                    workflow_id=inp.workflow_id,
+                    purchase_id=inp.purchase_id,
+                    state=inp.state.value,
+                    decisions=decisions,  # type: ignore[arg-type]
+                    detail=dict(inp.detail),
+                )
+            )
+        if first:
+            await self._notifier.send(
+                Notification(
+                    kind="saga_ended",
+                    workflow_id=inp.workflow_id,
+                    purchase_id=inp.purchase_id,
+                    text=f"refund saga ended {inp.state.value}",
+                    state=inp.state,
+                )
+            )
+
+    @activity.defn
+    async def notify(self, notification: Notification) -> None:
+        """Tell people: approval requests, reminders, manual AMS tasks, NEEDS_ATTENTION."""
+        await self._notifier.send(notification)
+
+    def all(self) -> list[object]:
+        """Every activity, for the worker."""
+        return [
+            self.prepare_refund,
+            self.refund_at_processor,
+            self.await_refund_settled,
+            self.record_refunds,
+            self.reconcile_external_refunds,
+            self.revoke_progress,
+            self.remove_ams_entitlement,
+            self.deactivate_purchase,
+            self.verify_access,
+            self.close_saga,
+            self.notify,
+        ]

@@ -1,0 +1,408 @@
+"""Async client for a Stripe-compatible refunds API: the processor sandbox or Stripe itself.
+
+Requests are form-encoded the way Stripe expects (`metadata[key]=value`), answers are
+parsed from Stripe's JSON shapes, and failures become a small error taxonomy in which only
+`ProcessorUnavailable` is worth retrying (with the same idempotency key).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, ClassVar, Literal, ParamSpec, Self, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import Field, SecretStr, ValidationError
+
+from refundsaga.models import Record
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+RefundStatus = Literal["succeeded", "pending", "failed", "canceled", "requires_action"]
+STRIPE_REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
+"""The only values Stripe accepts for a refund's `reason`; anything else is not sent."""
+
+LIST_PAGE_SIZE = 100
+_PAYMENT_INTENT_PREFIX = "pi_"
+# Statuses where the processor is telling us to come back later, not that we are wrong:
+# 409 is Stripe's "same idempotency key still in flight", 429 its rate limit.
+_TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+
+
+class ProcessorRefund(Record):
+    """A refund as the processor reports it."""
+
+    id: str
+    amount_cents: int
+    currency: str
+    charge_id: str
+    status: RefundStatus
+    failure_reason: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class ProcessorCharge(Record):
+    """A charge as the processor reports it: what was paid and what went back."""
+
+    id: str
+    amount_cents: int
+    currency: str
+    amount_refunded_cents: int
+    refunded: bool
+
+    @property
+    def refundable_cents(self) -> int:
+        """What the processor would still let us refund."""
+        return max(self.amount_cents - self.amount_refunded_cents, 0)
+
+
+class ProcessorError(Exception):
+    """A request to the processor failed.
+
+    Attributes:
+        message: The processor's (or the transport's) explanation.
+        code: Stripe's `error.code` when there is one, e.g. `charge_already_refunded`.
+        http_status: The HTTP status, or None when no response arrived.
+        param: Stripe's `error.param`, the offending parameter, when given.
+        request_id: The processor's `Request-Id` header, for support tickets.
+        retryable: Whether retrying the same request (same idempotency key) may succeed.
+    """
+
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        code: str | None = None,
+        http_status: int | None = None,
+        param: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        # Positional args so the exception pickles and crosses process boundaries intact.
+        super().__init__(message, code, http_status, param, request_id)
+        self.message = message
+        self.code = code
+        self.http_status = http_status
+        self.param = param
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        details = [f"{name}={value}" for name, value in self._details() if value is not None]
+        return f"{self.message} ({', '.join(details)})" if details else self.message
+
+    def _details(self) -> list[tuple[str, object]]:
+        return [("http_status", self.http_status), ("code", self.code), ("param", self.param)]
+
+
+class ChargeAlreadyRefunded(ProcessorError):
+    """The charge has nothing left to refund (Stripe `charge_already_refunded`)."""
+
+
+class AmountTooLarge(ProcessorError):
+    """The amount exceeds what is left on the charge (Stripe `amount_too_large`)."""
+
+
+class ChargeNotFound(ProcessorError):
+    """The processor does not know the charge (Stripe 404 `resource_missing`)."""
+
+
+class ProcessorAuthError(ProcessorError):
+    """The API key was missing, wrong or lacks permission (401/403)."""
+
+
+class IdempotencyConflict(ProcessorError):
+    """The idempotency key was already used with other parameters (`idempotency_error`)."""
+
+
+class ProcessorRejected(ProcessorError):
+    """Any other 4xx: the processor understood the request and refuses it."""
+
+
+class ProcessorUnavailable(ProcessorError):
+    """Transient: 5xx, 429, timeouts, refused or dropped connections. Retry with the same key."""
+
+    retryable: ClassVar[bool] = True
+
+
+class ProcessorClient:
+    """Client for Stripe's refunds API, or anything that speaks it (the processor sandbox).
+
+    Owns one `httpx.AsyncClient`; close it with `aclose()` or use `async with`.
+
+    Args:
+        base_url: E.g. `https://api.stripe.com` or `http://127.0.0.1:8301`.
+        api_key: Secret key sent as a Bearer token; never logged nor put in errors.
+        timeout_s: Connect, read, write and pool timeout for each request.
+        transport: Optional httpx transport (tests).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: SecretStr,
+        *,
+        timeout_s: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={
+                "Authorization": f"Bearer {api_key.get_secret_value()}",
+                "Accept": "application/json",
+                "User-Agent": "refundsaga/0.1",
+            },
+            timeout=httpx.Timeout(timeout_s),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"ProcessorClient(base_url={self.base_url!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def get_charge(self, charge_id: str) -> ProcessorCharge:
+        """Fetch a charge; a `pi_...` id fetches the PaymentIntent's latest charge.
+
+        Raises:
+            ChargeNotFound: The processor has no such charge.
+            ProcessorError: Any other failure (see the subclasses).
+        """
+        if charge_id.startswith(_PAYMENT_INTENT_PREFIX):
+            page = await self._request(
+                "GET", "/v1/charges", params={"payment_intent": charge_id, "limit": "1"}
+            )
+            data = page.get("data")
+            if not isinstance(data, list) or not data:
+                raise ChargeNotFound(
+                    f"No charge for PaymentIntent '{charge_id}'",
+                    code="resource_missing",
+                    http_status=404,
+                )
+            body = data[0]
+        else:
+            body = await self._request("GET", f"/v1/charges/{_segment(charge_id)}")
+        return _parse(_charge, body)
+
+    async def create_refund(
+        self,
+        *,
+        charge_id: str,
+        amount_cents: int | None,
+        idempotency_key: str,
+        metadata: dict[str, str] | None = None,
+        reason: str | None = None,
+    ) -> ProcessorRefund:
+        """Refund (part of) a charge, safely retryable under the same `idempotency_key`.
+
+        Args:
+            charge_id: `ch_...`, or a `pi_...` PaymentIntent id (sent as `payment_intent`).
+            amount_cents: Amount in minor units; None refunds whatever is left.
+            idempotency_key: Sent as `Idempotency-Key`; reuse it for retries of this refund.
+            metadata: Sent as `metadata[key]=value`.
+            reason: Sent only if it is one of Stripe's reasons (`duplicate`,
+                `fraudulent`, `requested_by_customer`).
+
+        Raises:
+            ChargeAlreadyRefunded: Nothing is left to refund.
+            AmountTooLarge: `amount_cents` exceeds what is left.
+            ChargeNotFound: Unknown charge.
+            IdempotencyConflict: The key was used before with other parameters.
+            ProcessorUnavailable: Transient failure; retry with the same key.
+            ProcessorError: Any other failure.
+        """
+        if not idempotency_key:
+            raise ValueError("create_refund needs an idempotency key")
+        target = "payment_intent" if charge_id.startswith(_PAYMENT_INTENT_PREFIX) else "charge"
+        form: dict[str, str] = {target: charge_id}
+        if amount_cents is not None:
+            form["amount"] = str(amount_cents)
+        if reason in STRIPE_REFUND_REASONS:
+            form["reason"] = reason
+        for key, value in (metadata or {}).items():
+            form[f"metadata[{key}]"] = value
+        body = await self._request(
+            "POST", "/v1/refunds", data=form, idempotency_key=idempotency_key
+        )
+        fallback = charge_id if target == "charge" else None
+        return _parse(_refund, body, fallback_charge_id=fallback)
+
+    async def get_refund(self, refund_id: str) -> ProcessorRefund:
+        """Fetch a refund, e.g. to follow a pending one until it settles.
+
+        Raises:
+            ProcessorRejected: No such refund (`code == "resource_missing"`).
+            ProcessorError: Any other failure.
+        """
+        body = await self._request(
+            "GET", f"/v1/refunds/{_segment(refund_id)}", not_found=ProcessorRejected
+        )
+        return _parse(_refund, body, fallback_charge_id=None)
+
+    async def list_refunds(
+        self, charge_id: str, *, page_size: int = LIST_PAGE_SIZE
+    ) -> list[ProcessorRefund]:
+        """Every refund of a charge (or of a `pi_...` PaymentIntent), newest first.
+
+        Follows `has_more` with `starting_after`, so refunds made outside this client
+        (e.g. in the processor's dashboard) are included.
+
+        Args:
+            charge_id: `ch_...` or `pi_...`.
+            page_size: Stripe's `limit`, 1 to 100.
+        """
+        target = "payment_intent" if charge_id.startswith(_PAYMENT_INTENT_PREFIX) else "charge"
+        fallback = charge_id if target == "charge" else None
+        refunds: list[ProcessorRefund] = []
+        params = {target: charge_id, "limit": str(page_size)}
+        while True:
+            page = await self._request("GET", "/v1/refunds", params=params)
+            data = page.get("data")
+            if not isinstance(data, list):
+                raise ProcessorError("Refund list without data", http_status=200)
+            for item in data:
+                refunds.append(_parse(_refund, item, fallback_charge_id=fallback))
+            if not page.get("has_more") or not data:
+                return refunds
+            params["starting_after"] = refunds[-1].id
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        data: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        not_found: type[ProcessorError] = ChargeNotFound,
+    ) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        try:
+            response = await self._http.request(
+                method, path, params=params, data=data, headers=headers
+            )
+        except httpx.TimeoutException as exc:
+            raise ProcessorUnavailable(f"{method} {path} timed out ({type(exc).__name__})") from exc
+        except httpx.RequestError as exc:
+            raise ProcessorUnavailable(f"{method} {path} failed ({type(exc).__name__})") from exc
+        logger.debug(
+            "processor %s %s -> %s (idempotency_key=%s, replayed=%s)",
+            method,
+            path,
+            response.status_code,
+            idempotency_key,
+            response.headers.get("idempotent-replayed"),
+        )
+        body = _json_object(response)
+        if response.is_success:
+            if body is None:
+                raise ProcessorUnavailable(
+                    f"{method} {path}: response is not a JSON object",
+                    http_status=response.status_code,
+                )
+            return body
+        raise _error_from(response, body, not_found=not_found)
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _error_from(
+    response: httpx.Response, body: dict[str, Any] | None, *, not_found: type[ProcessorError]
+) -> ProcessorError:
+    """Map a Stripe error response (by status, `error.type` and `error.code`) to an error."""
+    status = response.status_code
+    error = body.get("error") if body else None
+    if not isinstance(error, dict):
+        error = {}
+    code = error.get("code") if isinstance(error.get("code"), str) else None
+    error_type = error.get("type")
+    message = str(error.get("message") or f"Processor answered HTTP {status}")
+    kwargs: dict[str, Any] = {
+        "code": code,
+        "http_status": status,
+        "param": error.get("param") if isinstance(error.get("param"), str) else None,
+        "request_id": response.headers.get("request-id"),
+    }
+    error_class: type[ProcessorError]
+    if status in (401, 403):
+        error_class = ProcessorAuthError
+    elif (
+        status >= 500
+        or status in _TRANSIENT_STATUSES
+        or response.headers.get("stripe-should-retry") == "true"
+    ):
+        error_class = ProcessorUnavailable
+    elif error_type == "idempotency_error":
+        error_class = IdempotencyConflict
+    elif code == "charge_already_refunded":
+        error_class = ChargeAlreadyRefunded
+    elif code == "amount_too_large":
+        error_class = AmountTooLarge
+    elif status == 404 or code == "resource_missing":
+        error_class = not_found
+    else:
+        error_class = ProcessorRejected
+    return error_class(message, **kwargs)
+
+
+def _charge(obj: Mapping[str, Any]) -> ProcessorCharge:
+    return ProcessorCharge(
+        id=obj["id"],
+        amount_cents=obj["amount"],
+        currency=obj["currency"],
+        amount_refunded_cents=obj["amount_refunded"],
+        refunded=obj["refunded"],
+    )
+
+
+def _refund(obj: Mapping[str, Any], *, fallback_charge_id: str | None) -> ProcessorRefund:
+    charge = obj.get("charge")
+    if isinstance(charge, dict):  # expanded charge object
+        charge = charge.get("id")
+    metadata = obj.get("metadata") or {}
+    return ProcessorRefund(
+        id=obj["id"],
+        amount_cents=obj["amount"],
+        currency=obj["currency"],
+        charge_id=charge or fallback_charge_id or "",
+        status=obj["status"],
+        failure_reason=obj.get("failure_reason"),
+        metadata={str(key): str(value) for key, value in metadata.items()},
+    )
+
+
+def _parse(build: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """Call a response parser, turning a surprising response shape into a ProcessorError."""
+    try:
+        result = build(*args, **kwargs)
+    except (KeyError, TypeError, AttributeError, ValidationError) as exc:
+        raise ProcessorError(f"Unexpected response shape from the processor: {exc}") from exc
+    return result

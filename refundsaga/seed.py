@@ -1,0 +1,134 @@
+"""Demo data: purchases for each refund scenario, consistent in the store and both sandboxes.
+
+Talks to the sandboxes' `/_sandbox/` admin API, which exists only on the sandboxes: seeding
+is for laptops, tests and staging, never for a real processor or AMS.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Literal, get_args
+
+import httpx
+from pydantic import BaseModel
+
+from refundsaga.models import EntitlementSource
+from refundsaga.store import OasisStore
+
+Scenario = Literal[
+    "standard", "already_refunded", "partial", "manual_ams", "oasis_entitled", "pending_refund"
+]
+SCENARIOS: tuple[str, ...] = get_args(Scenario)
+
+# product code, title, entitlement source, price in cents, progress records per buyer
+_PRODUCTS: dict[str, tuple[str, str, EntitlementSource, int, int]] = {
+    "standard": ("CE-ETHICS-2026", "Ethics in Practice (CE)", "ams", 9_995, 6),
+    "already_refunded": ("CE-ETHICS-2026", "Ethics in Practice (CE)", "ams", 9_995, 3),
+    "partial": ("WEB-GOVERNANCE", "Board Governance Webinar", "ams", 24_900, 4),
+    "manual_ams": ("CONF-2026-PASS", "Annual Conference 2026 Recording", "ams_manual", 59_900, 2),
+    "oasis_entitled": ("SELF-PACED-101", "Self-paced Onboarding", "oasis", 4_900, 5),
+    "pending_refund": ("CE-ETHICS-2026", "Ethics in Practice (CE)", "ams", 9_995, 2),
+}
+
+
+class SeededPurchase(BaseModel):
+    """One demo purchase, as `refund seed --json` prints it (identifiers only)."""
+
+    purchase_id: int
+    user_id: int
+    product_id: int
+    charge_id: str
+    amount_cents: int
+    currency: str
+    scenario: Scenario
+    ams_member_id: str | None
+    ams_product_code: str | None
+
+
+class SeedError(RuntimeError):
+    """A sandbox refused or could not be reached while seeding."""
+
+
+def _admin(client: httpx.Client, method: str, url: str, body: dict[str, object]) -> dict[str, object]:
+    try:
+        response = client.request(method, url, json=body)
+    except httpx.HTTPError as err:
+        raise SeedError(f"cannot reach the sandbox at {url}: {err}; is the stack up?") from err
+    if response.status_code >= 400:
+        raise SeedError(f"sandbox refused {method} {url}: {response.status_code} {response.text}")
+    result: dict[str, object] = response.json()
+    return result
+
+
+def seed_purchase(
+    store: OasisStore,
+    http: httpx.Client,
+    *,
+    processor_url: str,
+    ams_url: str,
+    scenario: Scenario,
+) -> SeededPurchase:
+    """Create one purchase of a scenario in the processor sandbox, the AMS sandbox and the store."""
+    code, title, source, price, progress = _PRODUCTS[scenario]
+    tag = secrets.token_hex(4)
+    member_id = f"M-{tag.upper()}" if source != "oasis" else None
+    behavior = "pending" if scenario == "pending_refund" else "succeed"
+    charge = _admin(
+        http,
+        "POST",
+        f"{processor_url}/_sandbox/charges",
+        {"amount": price, "currency": "usd", "refund_behavior": behavior, "settle_after_polls": 2},
+    )
+    charge_id = str(charge["id"])
+    if scenario == "already_refunded":
+        _admin(http, "POST", f"{processor_url}/_sandbox/charges/{charge_id}/refund_outside", {})
+    if member_id:
+        _admin(
+            http,
+            "POST",
+            f"{ams_url}/_sandbox/entitlements",
+            {"member_id": member_id, "product_code": code},
+        )
+    # Demo people only: synthetic names and example.org addresses.
+    user_id = store.create_user(
+        name=f"Demo Learner {tag}", email=f"learner-{tag}@example.org", ams_member_id=member_id
+    )
+    product_id = store.create_product(code=code, title=title, entitlement_source=source)
+    purchase_id = store.create_purchase(
+        user_id=user_id,
+        product_id=product_id,
+        amount_cents=price,
+        currency="usd",
+        processor_charge_id=charge_id,
+    )
+    store.add_progress(user_id=user_id, product_id=product_id, items=progress)
+    return SeededPurchase(
+        purchase_id=purchase_id,
+        user_id=user_id,
+        product_id=product_id,
+        charge_id=charge_id,
+        amount_cents=price,
+        currency="usd",
+        scenario=scenario,
+        ams_member_id=member_id,
+        ams_product_code=code if member_id else None,
+    )
+
+
+def seed(
+    store: OasisStore,
+    *,
+    processor_url: str,
+    ams_url: str,
+    scenarios: list[Scenario],
+    count: int = 1,
+) -> list[SeededPurchase]:
+    """`count` purchases of each scenario."""
+    with httpx.Client(timeout=10.0) as http:
+        return [
+            seed_purchase(
+                store, http, processor_url=processor_url, ams_url=ams_url, scenario=scenario
+            )
+            for scenario in scenarios
+            for _ in range(count)
+        ]

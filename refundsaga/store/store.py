@@ -1,0 +1,903 @@
+"""The OASIS store: purchases, the refund ledger, course progress and the audit trail."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    make_url,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from refundsaga.models import (
+    AccessFacts,
+    EntitlementSource,
+    LedgerEntry,
+    PurchaseSnapshot,
+    PurchaseStatus,
+    Record,
+    RecordRefundsResult,
+    RevokeResult,
+)
+from refundsaga.store.schema import (
+    AuditEventRow,
+    CourseProgress,
+    Product,
+    ProgressArchive,
+    Purchase,
+    Refund,
+    User,
+    utcnow,
+)
+
+SYSTEM_ACTOR = "refund-saga"
+"""The actor of the audit events the store writes on the saga's behalf."""
+
+# Statuses under which a purchase still entitles its buyer to the product.
+ENTITLING_STATUSES: tuple[PurchaseStatus, ...] = ("active", "partially_refunded")
+
+# Long enough to ride out another writer's transaction, short enough that a stuck writer
+# surfaces as an error within an activity's timeout.
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+
+# SQLite allows 32766 bound parameters per statement; stay far below for IN lists.
+_IN_CHUNK = 500
+
+# Connection execution option marking a transaction that will write (see _sqlite_begin).
+_WRITE_OPTION = "refundsaga_write"
+
+
+class StoreError(Exception):
+    """The store refuses a request that contradicts what it holds; retrying will not help."""
+
+
+class PurchaseNotFound(StoreError):
+    """No purchase has the given id."""
+
+    def __init__(self, purchase_id: int) -> None:
+        # The id alone in args keeps the exception picklable and comparable.
+        super().__init__(purchase_id)
+        self.purchase_id = purchase_id
+
+    def __str__(self) -> str:
+        return f"purchase {self.purchase_id} not found"
+
+
+class DatabaseUnavailable(StoreError):
+    """The database did not accept connections in time."""
+
+
+class AuditEvent(Record):
+    """One entry of the audit trail, as the store returns it."""
+
+    at: datetime
+    event: str
+    actor: str
+    workflow_id: str | None
+    purchase_id: int | None
+    detail: dict[str, Any]
+
+
+def sqlite_database_path(url: str) -> Path | None:
+    """The file behind a SQLite URL.
+
+    Args:
+        url: Any SQLAlchemy URL.
+
+    Returns:
+        The database file's path, or None for other backends and in-memory or URI databases.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or parsed.query.get("uri"):
+        return None
+    return Path(database)
+
+
+def ensure_sqlite_directory(url: str) -> None:
+    """Create the directory of a SQLite database file, so a fresh data dir just works.
+
+    Args:
+        url: Any SQLAlchemy URL; only SQLite file URLs have an effect.
+    """
+    path = sqlite_database_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:
+    # sqlite3's legacy mode only opens a transaction at the first INSERT/UPDATE/DELETE, so the
+    # reads a method makes before writing would not be isolated. _sqlite_begin emits BEGIN.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys = ON")
+        # WAL: readers and the single writer do not block each other.
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # A write transaction takes the write lock up front: a deferred one that reads first and
+    # then writes fails with SQLITE_BUSY, without waiting, if another writer got in between.
+    if connection.get_execution_options().get(_WRITE_OPTION):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        connection.exec_driver_sql("BEGIN")
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    if not event.contains(engine, "connect", _sqlite_connect):
+        event.listen(engine, "connect", _sqlite_connect)
+    if not event.contains(engine, "begin", _sqlite_begin):
+        event.listen(engine, "begin", _sqlite_begin)
+
+
+def _purchase_status(refunded_cents: int, amount_cents: int) -> PurchaseStatus:
+    if refunded_cents >= amount_cents:
+        return "refunded"
+    if refunded_cents > 0:
+        return "partially_refunded"
+    return "active"
+
+
+def _jsonable(value: object) -> object:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
+    for start in range(0, len(values), _IN_CHUNK):
+        yield values[start : start + _IN_CHUNK]
+
+
+class OasisStore:
+    """The OASIS platform's data, through SQLAlchemy, for the refund saga.
+
+    Every method runs in a transaction of its own and is safe to call again with the same
+    arguments, because activities are retried. Records carry identifiers and money only:
+    personal data stays in the database.
+
+    Errors: ``StoreError`` (and ``PurchaseNotFound``) when the request contradicts the data,
+    which a retry will not change; SQLAlchemy errors for the database itself, which may pass.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        """Use an engine; for SQLite it is given foreign keys, WAL and explicit transactions.
+
+        Args:
+            engine: The engine to use. The caller keeps ownership: ``close`` leaves it open.
+                SQLite settings apply to connections opened from now on, so pass a fresh engine.
+        """
+        if engine.dialect.name == "sqlite":
+            _configure_sqlite(engine)
+        self._engine = engine
+        self._owns_engine = False
+        self._reads = sessionmaker(engine, expire_on_commit=False)
+        self._writes = sessionmaker(
+            engine.execution_options(**{_WRITE_OPTION: True}), expire_on_commit=False
+        )
+
+    @classmethod
+    def from_url(cls, url: str, *, pool_size: int = 5) -> OasisStore:
+        """Create a store with an engine of its own.
+
+        Args:
+            url: SQLAlchemy URL, ``sqlite:///path`` or ``postgresql+psycopg://...``.
+            pool_size: Connections kept open (PostgreSQL); size it to the worker's concurrency.
+
+        Returns:
+            A store that disposes of its engine on ``close``.
+        """
+        parsed = make_url(url)
+        engine: Engine
+        if parsed.get_backend_name() == "sqlite":
+            ensure_sqlite_directory(url)
+            # Sessions hop between the worker's activity threads.
+            connect_args = {"check_same_thread": False}
+            if sqlite_database_path(url) is None and not parsed.query.get("uri"):
+                # Each connection to :memory: is a separate, empty database: share one.
+                engine = create_engine(url, connect_args=connect_args, poolclass=StaticPool)
+            else:
+                engine = create_engine(url, connect_args=connect_args, pool_size=pool_size)
+        else:
+            engine = create_engine(url, pool_size=pool_size, pool_pre_ping=True)
+        store = cls(engine)
+        store._owns_engine = True
+        return store
+
+    @property
+    def engine(self) -> Engine:
+        """The engine the store uses."""
+        return self._engine
+
+    def close(self) -> None:
+        """Close the pooled connections of an engine made by ``from_url``."""
+        if self._owns_engine:
+            self._engine.dispose()
+
+    def __enter__(self) -> OasisStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reads.begin() as session:
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._writes.begin() as session:
+            yield session
+
+    # -- purchases -------------------------------------------------------------------------
+
+    def load_purchase(self, purchase_id: int) -> PurchaseSnapshot | None:
+        """Load a purchase with its product, the buyer's AMS id and their progress count.
+
+        Args:
+            purchase_id: The purchase.
+
+        Returns:
+            The snapshot, or None if there is no such purchase.
+        """
+        progress_count = (
+            select(func.count())
+            .select_from(CourseProgress)
+            .where(
+                CourseProgress.user_id == Purchase.user_id,
+                CourseProgress.product_id == Purchase.product_id,
+            )
+            .correlate(Purchase)
+            .scalar_subquery()
+        )
+        statement = (
+            select(
+                Purchase.id.label("purchase_id"),
+                Purchase.user_id,
+                Purchase.product_id,
+                Product.code.label("product_code"),
+                Product.entitlement_source,
+                User.ams_member_id,
+                Purchase.amount_cents,
+                Purchase.currency,
+                Purchase.refunded_cents,
+                Purchase.status,
+                Purchase.processor_charge_id,
+                progress_count.label("progress_count"),
+            )
+            .join(Product, Product.id == Purchase.product_id)
+            .join(User, User.id == Purchase.user_id)
+            .where(Purchase.id == purchase_id)
+        )
+        with self._read() as session:
+            row = session.execute(statement).one_or_none()
+        return None if row is None else PurchaseSnapshot.model_validate(dict(row._mapping))
+
+    def _locked_purchase(self, session: Session, purchase_id: int) -> Purchase:
+        # FOR UPDATE serializes the saga's writes to one purchase on PostgreSQL (SQLite's
+        # BEGIN IMMEDIATE already serializes all writers).
+        purchase = session.get(Purchase, purchase_id, with_for_update=True)
+        if purchase is None:
+            raise PurchaseNotFound(purchase_id)
+        return purchase
+
+    def record_refunds(
+        self, purchase_id: int, entries: list[LedgerEntry], *, workflow_id: str | None
+    ) -> RecordRefundsResult:
+        """Record refunds in the ledger and bring the purchase's refunded amount up to date.
+
+        Entries already in the ledger (by processor refund id) are not duplicated; only a
+        changed status is applied. The purchase's refunded amount is the sum of its ledger
+        rows that did not fail, capped at the purchase amount; its status follows, except
+        that a revoked purchase stays revoked.
+
+        Args:
+            purchase_id: The purchase refunded.
+            entries: Refunds to record, e.g. the processor's list for the charge.
+            workflow_id: The refund saga recording them, if any.
+
+        Returns:
+            How many entries were new, and the purchase's refunded amount and status.
+
+        Raises:
+            PurchaseNotFound: No such purchase.
+            StoreError: An entry's currency differs from the purchase's, or its refund id is
+                already recorded for another purchase or with another amount.
+        """
+        with self._write() as session:
+            purchase = self._locked_purchase(session, purchase_id)
+            for entry in entries:
+                if entry.currency != purchase.currency:
+                    raise StoreError(
+                        f"refund {entry.processor_refund_id} is in {entry.currency}, "
+                        f"purchase {purchase_id} in {purchase.currency}"
+                    )
+            refund_ids = sorted({entry.processor_refund_id for entry in entries})
+            ledger: dict[str, Refund] = {}
+            if refund_ids:
+                found = session.scalars(
+                    select(Refund).where(Refund.processor_refund_id.in_(refund_ids))
+                )
+                ledger = {row.processor_refund_id: row for row in found}
+
+            recorded = 0
+            for entry in entries:
+                row = ledger.get(entry.processor_refund_id)
+                if row is None:
+                    row = Refund(
+                        purchase_id=purchase_id,
+                        processor_refund_id=entry.processor_refund_id,
+                        amount_cents=entry.amount_cents,
+                        currency=entry.currency,
+                        source=entry.source,
+                        status=entry.status,
+                        workflow_id=workflow_id,
+                    )
+                    session.add(row)
+                    ledger[entry.processor_refund_id] = row
+                    recorded += 1
+                    self._audit(
+                        session,
+                        event="refund_recorded",
+                        workflow_id=workflow_id,
+                        purchase_id=purchase_id,
+                        detail=entry.model_dump(mode="json"),
+                    )
+                    continue
+                if row.purchase_id != purchase_id or row.amount_cents != entry.amount_cents:
+                    raise StoreError(
+                        f"refund {entry.processor_refund_id} is already recorded as "
+                        f"{row.amount_cents} for purchase {row.purchase_id}"
+                    )
+                if row.status != entry.status:
+                    self._audit(
+                        session,
+                        event="refund_status_changed",
+                        workflow_id=workflow_id,
+                        purchase_id=purchase_id,
+                        detail={
+                            "processor_refund_id": entry.processor_refund_id,
+                            "from": row.status,
+                            "to": entry.status,
+                        },
+                    )
+                    row.status = entry.status
+
+            session.flush()
+            counted = session.scalar(
+                select(func.coalesce(func.sum(Refund.amount_cents), 0)).where(
+                    Refund.purchase_id == purchase_id, Refund.status != "failed"
+                )
+            )
+            # Refunds made outside OASIS can exceed what OASIS charged; the ledger keeps them
+            # all, the purchase never shows more refunded than paid.
+            purchase.refunded_cents = min(int(counted or 0), purchase.amount_cents)
+            if purchase.status != "revoked":
+                purchase.status = _purchase_status(purchase.refunded_cents, purchase.amount_cents)
+            return RecordRefundsResult(
+                recorded=recorded,
+                refunded_cents=purchase.refunded_cents,
+                purchase_status=cast(PurchaseStatus, purchase.status),
+            )
+
+    def complete_refund(
+        self, *, purchase_id: int, workflow_id: str, outcome: str, revoked: bool
+    ) -> PurchaseStatus:
+        """Close the books on a refund: final purchase status and a ``refund_completed`` event.
+
+        A purchase whose progress was revoked becomes ``revoked`` unless it is fully refunded,
+        which says more. The event is written once per workflow however often this runs.
+
+        Args:
+            purchase_id: The purchase refunded.
+            workflow_id: The refund saga.
+            outcome: How the saga ended, for the audit trail.
+            revoked: Whether the saga revoked the buyer's progress.
+
+        Returns:
+            The purchase's status afterwards.
+
+        Raises:
+            PurchaseNotFound: No such purchase.
+        """
+        with self._write() as session:
+            purchase = self._locked_purchase(session, purchase_id)
+            if revoked and purchase.status != "refunded":
+                purchase.status = "revoked"
+            if not self._has_event(session, workflow_id=workflow_id, event="refund_completed"):
+                self._audit(
+                    session,
+                    event="refund_completed",
+                    workflow_id=workflow_id,
+                    purchase_id=purchase_id,
+                    detail={"outcome": outcome, "revoked": revoked, "status": purchase.status},
+                )
+            return cast(PurchaseStatus, purchase.status)
+
+    def end_entitlement(self, *, purchase_id: int, workflow_id: str) -> PurchaseStatus:
+        """End the entitlement an OASIS purchase grants (products whose source is `oasis`).
+
+        A fully refunded purchase grants nothing already; any other becomes ``revoked``. The
+        ``entitlement_ended`` event is written once per workflow however often this runs.
+
+        Raises:
+            PurchaseNotFound: No such purchase.
+        """
+        with self._write() as session:
+            purchase = self._locked_purchase(session, purchase_id)
+            if purchase.status != "refunded":
+                purchase.status = "revoked"
+            if not self._has_event(session, workflow_id=workflow_id, event="entitlement_ended"):
+                self._audit(
+                    session,
+                    event="entitlement_ended",
+                    workflow_id=workflow_id,
+                    purchase_id=purchase_id,
+                    detail={"status": purchase.status},
+                )
+            return cast(PurchaseStatus, purchase.status)
+
+    # -- progress and access ---------------------------------------------------------------
+
+    def revoke_progress(
+        self, *, purchase_id: int, user_id: int, product_id: int, workflow_id: str
+    ) -> RevokeResult:
+        """Archive, then delete, all of a user's progress in a product, in one transaction.
+
+        Deleting progress is what removes access granted by progress, and cannot be undone in
+        OASIS; the archive keeps each row as it was. A second run finds nothing left and
+        returns zeros.
+
+        Args:
+            purchase_id: The refunded purchase, which must be the user's, of the product.
+            user_id: The buyer.
+            product_id: The product.
+            workflow_id: The refund saga, recorded with each archived row.
+
+        Returns:
+            How many rows were archived and deleted (always equal).
+
+        Raises:
+            PurchaseNotFound: No such purchase.
+            StoreError: The purchase is not this user's purchase of this product.
+        """
+        with self._write() as session:
+            purchase = self._locked_purchase(session, purchase_id)
+            if (purchase.user_id, purchase.product_id) != (user_id, product_id):
+                raise StoreError(
+                    f"purchase {purchase_id} is not user {user_id}'s purchase of "
+                    f"product {product_id}"
+                )
+            progress = CourseProgress.__table__
+            rows = session.execute(
+                select(progress)
+                .where(progress.c.user_id == user_id, progress.c.product_id == product_id)
+                .order_by(progress.c.id)
+                .with_for_update()
+            ).all()
+            archived_at = utcnow()
+            if rows:
+                session.execute(
+                    insert(ProgressArchive),
+                    [
+                        {
+                            "original_progress_id": row.id,
+                            "user_id": row.user_id,
+                            "product_id": row.product_id,
+                            "item_key": row.item_key,
+                            "payload": {k: _jsonable(v) for k, v in row._mapping.items()},
+                            "archived_at": archived_at,
+                            "workflow_id": workflow_id,
+                            "purchase_id": purchase_id,
+                        }
+                        for row in rows
+                    ],
+                )
+            # Delete exactly the rows archived: progress written meanwhile is not lost unseen,
+            # the saga's access check will find it.
+            deleted = 0
+            for ids in _chunks([row.id for row in rows]):
+                result = session.execute(
+                    delete(CourseProgress).where(CourseProgress.id.in_(ids)),
+                    execution_options={"synchronize_session": False},
+                )
+                deleted += result.rowcount  # type: ignore[attr-defined]
+            if deleted != len(rows):
+                # Raising rolls the archive back too: nothing is half done.
+                raise StoreError(
+                    f"progress of user {user_id} in product {product_id} changed while "
+                    "revoking; nothing was deleted"
+                )
+            if deleted or not self._has_event(
+                session, workflow_id=workflow_id, event="progress_revoked"
+            ):
+                self._audit(
+                    session,
+                    event="progress_revoked",
+                    workflow_id=workflow_id,
+                    purchase_id=purchase_id,
+                    detail={
+                        "user_id": user_id,
+                        "product_id": product_id,
+                        "archived": len(rows),
+                        "deleted": deleted,
+                    },
+                )
+            return RevokeResult(deleted=deleted, archived=len(rows))
+
+    def access_facts(self, user_id: int, product_id: int) -> AccessFacts:
+        """What OASIS knows about a user's access: progress, and an entitling purchase.
+
+        Args:
+            user_id: The user.
+            product_id: The product.
+
+        Returns:
+            The progress count and whether a purchase of the product is active or only
+            partially refunded.
+        """
+        progress_count = (
+            select(func.count())
+            .select_from(CourseProgress)
+            .where(CourseProgress.user_id == user_id, CourseProgress.product_id == product_id)
+            .scalar_subquery()
+        )
+        active_purchase = exists().where(
+            Purchase.user_id == user_id,
+            Purchase.product_id == product_id,
+            Purchase.status.in_(ENTITLING_STATUSES),
+        )
+        with self._read() as session:
+            row = session.execute(select(progress_count, active_purchase)).one()
+        return AccessFacts(progress_count=int(row[0]), active_purchase=bool(row[1]))
+
+    def archived_progress(self, *, workflow_id: str) -> int:
+        """Count the progress rows a refund saga archived.
+
+        Args:
+            workflow_id: The refund saga.
+
+        Returns:
+            The number of archived rows.
+        """
+        with self._read() as session:
+            count = session.scalar(
+                select(func.count())
+                .select_from(ProgressArchive)
+                .where(ProgressArchive.workflow_id == workflow_id)
+            )
+        return int(count or 0)
+
+    # -- audit -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _audit(
+        session: Session,
+        *,
+        event: str,
+        workflow_id: str | None,
+        purchase_id: int | None,
+        detail: dict[str, Any],
+        actor: str = SYSTEM_ACTOR,
+    ) -> None:
+        session.add(
+            AuditEventRow(
+                at=utcnow(),
+                event=event,
+                actor=actor,
+                workflow_id=workflow_id,
+                purchase_id=purchase_id,
+                detail=detail,
+            )
+        )
+
+    @staticmethod
+    def _has_event(session: Session, *, workflow_id: str, event: str) -> bool:
+        return bool(
+            session.scalar(
+                select(
+                    exists().where(
+                        AuditEventRow.workflow_id == workflow_id, AuditEventRow.event == event
+                    )
+                )
+            )
+        )
+
+    def add_audit(
+        self,
+        *,
+        event: str,
+        actor: str,
+        workflow_id: str | None = None,
+        purchase_id: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append an event to the audit trail (events may repeat).
+
+        Args:
+            event: What happened, e.g. ``approved``.
+            actor: Who did it: a person's handle or a system name, never an email.
+            workflow_id: The refund saga it belongs to, if any.
+            purchase_id: The purchase it concerns, if any.
+            detail: JSON-serializable facts; identifiers and money only.
+        """
+        with self._write() as session:
+            self._audit(
+                session,
+                event=event,
+                actor=actor,
+                workflow_id=workflow_id,
+                purchase_id=purchase_id,
+                detail=detail or {},
+            )
+
+    def record_saga_end(
+        self,
+        *,
+        workflow_id: str,
+        purchase_id: int,
+        state: str,
+        decisions: list[tuple[str, str, dict[str, Any]]],
+        detail: dict[str, Any],
+    ) -> bool:
+        """Write a saga's decisions and its end into the trail, once per workflow.
+
+        Args:
+            workflow_id: The refund saga.
+            purchase_id: The purchase it concerned (it may not exist: a refused request).
+            state: The end state, e.g. ``COMPLETED``.
+            decisions: ``(event, actor, detail)`` of each approval, rejection, confirmation
+                and ops resolution, in order.
+            detail: Facts of the end; identifiers and money only.
+
+        Returns:
+            False when the end had been recorded already (a retried activity).
+        """
+        with self._write() as session:
+            if self._has_event(session, workflow_id=workflow_id, event="saga_ended"):
+                return False
+            for event, actor, event_detail in decisions:
+                self._audit(
+                    session,
+                    event=event,
+                    actor=actor,
+                    workflow_id=workflow_id,
+                    purchase_id=purchase_id,
+                    detail=event_detail,
+                )
+            self._audit(
+                session,
+                event="saga_ended",
+                workflow_id=workflow_id,
+                purchase_id=purchase_id,
+                detail={"state": state, **detail},
+            )
+            return True
+
+    def audit_trail(
+        self, *, workflow_id: str | None = None, purchase_id: int | None = None
+    ) -> list[AuditEvent]:
+        """The audit events of a saga and/or a purchase, oldest first.
+
+        Args:
+            workflow_id: Only this saga's events.
+            purchase_id: Only this purchase's events.
+
+        Returns:
+            The matching events in the order they were written.
+
+        Raises:
+            ValueError: Neither filter given (the whole trail is not a query the saga makes).
+        """
+        if workflow_id is None and purchase_id is None:
+            raise ValueError("audit_trail needs a workflow_id or a purchase_id")
+        statement = select(AuditEventRow).order_by(AuditEventRow.at, AuditEventRow.id)
+        if workflow_id is not None:
+            statement = statement.where(AuditEventRow.workflow_id == workflow_id)
+        if purchase_id is not None:
+            statement = statement.where(AuditEventRow.purchase_id == purchase_id)
+        with self._read() as session:
+            return [
+                AuditEvent(
+                    at=row.at,
+                    event=row.event,
+                    actor=row.actor,
+                    workflow_id=row.workflow_id,
+                    purchase_id=row.purchase_id,
+                    detail=row.detail,
+                )
+                for row in session.scalars(statement)
+            ]
+
+    # -- seeding (demo data, tests) --------------------------------------------------------
+
+    def create_user(self, *, name: str, email: str, ams_member_id: str | None = None) -> int:
+        """Create a user, or return the id of the user with this email.
+
+        Args:
+            name: Display name (personal data).
+            email: Email address (personal data), unique.
+            ams_member_id: The user's member id in the AMS, if the AMS knows them.
+
+        Returns:
+            The user's id.
+        """
+
+        def existing(session: Session) -> int | None:
+            return session.scalar(select(User.id).where(User.email == email))
+
+        def create(session: Session) -> int:
+            user = User(name=name, email=email, ams_member_id=ams_member_id)
+            session.add(user)
+            session.flush()
+            return user.id
+
+        return self._get_or_create(existing, create)
+
+    def create_product(
+        self, *, code: str, title: str, entitlement_source: EntitlementSource
+    ) -> int:
+        """Create a product, or return the id of the product with this code as it is.
+
+        Args:
+            code: The AMS product code, unique.
+            title: The product's title.
+            entitlement_source: Where entitlement to the product comes from.
+
+        Returns:
+            The product's id.
+        """
+
+        def existing(session: Session) -> int | None:
+            return session.scalar(select(Product.id).where(Product.code == code))
+
+        def create(session: Session) -> int:
+            product = Product(code=code, title=title, entitlement_source=entitlement_source)
+            session.add(product)
+            session.flush()
+            return product.id
+
+        return self._get_or_create(existing, create)
+
+    def create_purchase(
+        self,
+        *,
+        user_id: int,
+        product_id: int,
+        amount_cents: int,
+        currency: str,
+        processor_charge_id: str,
+    ) -> int:
+        """Create an active purchase, or return the one already made with this charge.
+
+        Args:
+            user_id: The buyer.
+            product_id: The product bought.
+            amount_cents: The amount charged, in cents.
+            currency: ISO currency code, lower case.
+            processor_charge_id: The processor's charge id, unique.
+
+        Returns:
+            The purchase's id.
+
+        Raises:
+            StoreError: The charge is already recorded for a different purchase.
+        """
+        wanted = (user_id, product_id, amount_cents, currency)
+
+        def existing(session: Session) -> int | None:
+            purchase = session.scalar(
+                select(Purchase).where(Purchase.processor_charge_id == processor_charge_id)
+            )
+            if purchase is None:
+                return None
+            held = (
+                purchase.user_id,
+                purchase.product_id,
+                purchase.amount_cents,
+                purchase.currency,
+            )
+            if held != wanted:
+                raise StoreError(
+                    f"charge {processor_charge_id} already belongs to purchase {purchase.id}"
+                )
+            return purchase.id
+
+        def create(session: Session) -> int:
+            purchase = Purchase(
+                user_id=user_id,
+                product_id=product_id,
+                amount_cents=amount_cents,
+                currency=currency,
+                processor_charge_id=processor_charge_id,
+                status="active",
+                refunded_cents=0,
+            )
+            session.add(purchase)
+            session.flush()
+            return purchase.id
+
+        return self._get_or_create(existing, create)
+
+    def add_progress(self, *, user_id: int, product_id: int, items: int) -> int:
+        """Give a user completed items ``module-1/lesson-1`` .. ``module-1/lesson-<items>``.
+
+        Args:
+            user_id: The user.
+            product_id: The product.
+            items: How many items the user has completed.
+
+        Returns:
+            How many rows were created (items the user already had are skipped).
+        """
+        keys = [f"module-1/lesson-{i}" for i in range(1, items + 1)]
+        with self._write() as session:
+            held = set(
+                session.scalars(
+                    select(CourseProgress.item_key).where(
+                        CourseProgress.user_id == user_id, CourseProgress.product_id == product_id
+                    )
+                )
+            )
+            now = utcnow()
+            new = [
+                {
+                    "user_id": user_id,
+                    "product_id": product_id,
+                    "item_key": key,
+                    "percent": 100,
+                    "completed_at": now,
+                    "created_at": now,
+                }
+                for key in keys
+                if key not in held
+            ]
+            if new:
+                session.execute(insert(CourseProgress), new)
+            return len(new)
+
+    def _get_or_create(
+        self,
+        existing: Callable[[Session], int | None],
+        create: Callable[[Session], int],
+    ) -> int:
+        with self._write() as session:
+            found = existing(session)
+            if found is not None:
+                return found
+            try:
+                with session.begin_nested():
+                    return create(session)
+            except IntegrityError:
+                # Lost a race with a concurrent creator (PostgreSQL): theirs is the row.
+                found = existing(session)
+                if found is None:
+                    raise
+                return found

@@ -1,0 +1,3 @@
+from tests.fixtures.sandboxes import *  # noqa: F403
+from tests.fixtures.store import *  # noqa: F403
+from tests.fixtures.temporal import *  # noqa: F403

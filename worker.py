@@ -1,0 +1,101 @@
+"""The RefundSaga worker: hosts the workflow and its activities on the saga's task queue.
+
+Run with `python worker.py` or `refund worker`. SIGTERM or SIGINT shut it down gracefully:
+it stops polling and gives in-flight activities time to finish before handing them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.refund_activities import RefundActivities
+from refundsaga.ams import HttpAmsClient
+from refundsaga.approval import policy_from_settings
+from refundsaga.logs import configure_logging
+from refundsaga.notify import LogNotifier
+from refundsaga.processor import ProcessorClient
+from refundsaga.settings import Settings, get_settings
+from refundsaga.store import OasisStore
+from refundsaga.store.migrate import upgrade, wait_for_database
+from refundsaga.temporal import connect
+from workflows.refund_saga import RefundSaga
+
+log = logging.getLogger("refundsaga.worker")
+
+GRACEFUL_SHUTDOWN = timedelta(seconds=30)
+
+
+@asynccontextmanager
+async def saga_activities(settings: Settings) -> AsyncIterator[RefundActivities]:
+    """The activities with their clients, opened for the worker's lifetime."""
+    store = OasisStore.from_url(settings.resolved_database_url, pool_size=settings.database_pool_size)
+    processor = ProcessorClient(
+        settings.processor_url, settings.processor_api_key, timeout_s=settings.processor_timeout_s
+    )
+    ams = HttpAmsClient(settings.ams_url, settings.ams_api_key, timeout_s=settings.ams_timeout_s)
+    try:
+        yield RefundActivities(
+            store=store,
+            processor=processor,
+            ams=ams,
+            notifier=LogNotifier(),
+            policy=policy_from_settings(settings),
+        )
+    finally:
+        await processor.aclose()
+        await ams.aclose()
+        store.close()
+
+
+def build_worker(client: Client, settings: Settings, activities: RefundActivities) -> Worker:
+    """A worker for the saga's task queue with the configured concurrency."""
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[RefundSaga],
+        activities=activities.all(),
+        max_concurrent_activities=settings.max_concurrent_activities,
+        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+    )
+
+
+async def run_worker(settings: Settings, *, migrate: bool = True) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    if migrate:
+        url = settings.resolved_database_url
+        await asyncio.to_thread(wait_for_database, url)
+        await asyncio.to_thread(upgrade, url)
+    client = await connect(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with saga_activities(settings) as activities:
+        worker = build_worker(client, settings, activities)
+        async with worker:
+            log.info(
+                "worker started",
+                extra={"task_queue": settings.task_queue, "namespace": settings.temporal_namespace},
+            )
+            await stop.wait()
+            log.info("worker stopping: finishing in-flight activities")
+    log.info("worker stopped")
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_format)
+    asyncio.run(run_worker(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,822 @@
+"""The RefundSaga workflow: refund, revoke, de-entitle and verify, durably, with approvals.
+
+Orchestration only: every side effect is an activity. A forward-recovery saga: before the
+pivot (the refund at the processor) it can stop with nothing changed; after it, every step is
+retried until it succeeds or ops decide (NEEDS_ATTENTION).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributePair
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.refund_activities import RefundActivities
+    from refundsaga.approval import refusal_reason
+    from refundsaga.contracts import (
+        AmsConfirmation,
+        AmsRemovalInput,
+        AmsSummary,
+        ApprovalDecision,
+        ApprovalRecord,
+        CloseInput,
+        DeactivateInput,
+        DecisionReceipt,
+        IgnoredMessage,
+        Notification,
+        NotificationKind,
+        PrepareInput,
+        ProcessorRefundInput,
+        ProcessorRefundResult,
+        ReconcileInput,
+        RecordRefundsInput,
+        RefundPlan,
+        RefundRequest,
+        Resolution,
+        ResolutionRecord,
+        RevokeInput,
+        SagaState,
+        SagaStatus,
+        SettleInput,
+        TimelineEntry,
+        VerifyInput,
+        WaitingFor,
+    )
+    from refundsaga.models import AccessDecision, LedgerEntry
+    from refundsaga.search_attributes import (
+        PURCHASE_ID,
+        REFUND_AMOUNT_CENTS,
+        REFUND_STATE,
+        REQUESTED_BY,
+        WAITING_FOR,
+    )
+
+T = TypeVar("T")
+
+# Errors the activities raise that no retry can fix (ApplicationError types).
+INVALID_REQUEST = "InvalidRefundRequest"
+ALREADY_REFUNDED = "ChargeAlreadyRefunded"
+REFUND_FAILED = "RefundFailed"
+BUSINESS_ERRORS = [
+    INVALID_REQUEST,
+    ALREADY_REFUNDED,
+    "AmountTooLarge",
+    "ChargeNotFound",
+    "ProcessorRejected",
+    "ProcessorAuthError",
+    "IdempotencyConflict",
+    "AmsMemberNotFound",
+    "AmsRejected",
+    "AmsAuthError",
+    "PurchaseNotFound",
+    REFUND_FAILED,
+]
+
+STORE_TIMEOUT = timedelta(seconds=30)
+HTTP_TIMEOUT = timedelta(seconds=60)
+# Transient faults are retried with backoff; after this many attempts a person looks (ops can
+# retry from NEEDS_ATTENTION as often as they like).
+STEP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=8,
+    non_retryable_error_types=BUSINESS_ERRORS,
+)
+# A pending refund settles on the processor's schedule: poll with a slow backoff, for days.
+SETTLE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=10),
+    non_retryable_error_types=BUSINESS_ERRORS,
+)
+SETTLE_TIMEOUT = timedelta(days=7)
+
+
+class SagaAborted(Exception):
+    """Ops chose `abort` for a saga in NEEDS_ATTENTION."""
+
+
+class CannotContinue(Exception):
+    """A step failed in a way no retry fixes and the saga must end FAILED, nothing changed."""
+
+
+def _error_text(err: BaseException) -> str:
+    """The innermost message of an activity failure: what a person needs to read."""
+    cause: BaseException | None = err
+    while isinstance(cause, ActivityError) and cause.cause is not None:
+        cause = cause.cause
+    if isinstance(cause, ApplicationError):
+        return f"{cause.type or 'Error'}: {cause.message}"
+    return str(cause)
+
+
+def _error_type(err: BaseException) -> str | None:
+    cause = err.cause if isinstance(err, ActivityError) else None
+    return cause.type if isinstance(cause, ApplicationError) else None
+
+
+@workflow.defn
+class RefundSaga:
+    """One refund of one purchase, from request to verified loss of access."""
+
+    @workflow.init
+    def __init__(self, request: RefundRequest) -> None:
+        self._request = request
+        info = workflow.info()
+        self._status = SagaStatus(
+            workflow_id=info.workflow_id,
+            state=SagaState.PREPARING,
+            purchase_id=request.purchase_id,
+            amount_cents=request.amount_cents,
+            currency=request.currency,
+            requested_by=request.requested_by,
+        )
+        self._plan: RefundPlan | None = None
+        self._rejected_by: str | None = None
+        self._ams_confirmation: AmsConfirmation | None = None
+        self._resolution: Resolution | None = None
+        self._cancel_requested = False
+
+    # --- the saga -------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, request: RefundRequest) -> SagaStatus:
+        try:
+            plan = await self._prepare()
+            if not await self._approve(plan):
+                return await self._end(self._status.state)
+        except CannotContinue as err:
+            self._status.error = str(err)
+            return await self._end(SagaState.FAILED)
+        except SagaAborted:
+            return await self._end(SagaState.FAILED)
+        except asyncio.CancelledError:
+            # Before the pivot nothing has changed: release and say so.
+            self._status.error = "cancelled before any money moved; nothing changed"
+            await self._end(SagaState.CANCELLED)
+            raise
+        try:
+            return await self._after_pivot(plan)
+        except SagaAborted:
+            return await self._end(SagaState.FAILED)
+
+    async def _after_pivot(self, plan: RefundPlan) -> SagaStatus:
+        await self._forward(self._refund, plan)
+        if plan.revoke_progress:
+            await self._forward(self._revoke, plan)
+        else:
+            self._mark("revoke", "skipped: not requested (progress kept)")
+        if plan.remove_entitlement:
+            await self._forward(self._deentitle, plan)
+        else:
+            self._status.ams.state = "not_needed"
+            self._mark("deentitle", "skipped: not requested (entitlement kept)")
+        await self._forward(self._verify, plan)
+        return await self._end(SagaState.COMPLETED)
+
+    async def _forward(self, step: Callable[[RefundPlan], Awaitable[None]], plan: RefundPlan) -> None:
+        """Run a step after the pivot: a cancellation no longer stops the saga, it finishes."""
+        while True:
+            try:
+                await step(plan)
+                return
+            except asyncio.CancelledError:
+                self._cancel_requested = True
+                self._mark("cancel", "cancel requested after the refund: finishing forward", "ops")
+
+    # --- step 1: prepare ------------------------------------------------------------------
+
+    async def _prepare(self) -> RefundPlan:
+        self._set_state(SagaState.PREPARING)
+        info = workflow.info()
+
+        async def prepare() -> RefundPlan:
+            try:
+                return await workflow.execute_activity_method(
+                    RefundActivities.prepare_refund,
+                    PrepareInput(request=self._request, workflow_id=info.workflow_id),
+                    start_to_close_timeout=HTTP_TIMEOUT,
+                    retry_policy=STEP_RETRY,
+                    summary=f"prepare purchase {self._request.purchase_id}",
+                )
+            except ActivityError as err:
+                if _error_type(err) in (INVALID_REQUEST, "ChargeNotFound", "PurchaseNotFound"):
+                    raise CannotContinue(_error_text(err)) from err
+                raise
+
+        plan = await self._attempt("prepare", prepare)
+        self._plan = plan
+        self._status.plan = plan
+        self._status.amount_cents = plan.amount_cents
+        self._status.currency = plan.currency
+        self._status.required_approvals = plan.required_approvals
+        self._status.branch = "already_refunded" if plan.already_refunded else "refund"
+        self._status.ams.mode = {
+            "ams": "api",
+            "ams_manual": "manual",
+            "oasis": "oasis",
+        }[plan.entitlement_source]
+        self._mark("prepare", self._describe_plan(plan))
+        return plan
+
+    # --- step 2: plan and approve -----------------------------------------------------------
+
+    async def _approve(self, plan: RefundPlan) -> bool:
+        if plan.required_approvals == 0:
+            self._mark("approve", "auto-approved below the policy threshold", "policy")
+            return True
+        self._set_state(SagaState.AWAITING_APPROVAL, WaitingFor.APPROVAL)
+        await self._notify("approval_requested", self._describe_plan(plan))
+        deadline = workflow.now() + plan.policy.approval_timeout
+        while not self._approved() and self._rejected_by is None:
+            remaining = deadline - workflow.now()
+            if remaining <= timedelta(0):
+                self._status.error = f"no decision within {plan.policy.approval_timeout}"
+                self._set_state(SagaState.EXPIRED)
+                self._mark("approve", "expired: nothing changed", "policy")
+                return False
+            try:
+                await workflow.wait_condition(
+                    lambda: self._approved() or self._rejected_by is not None,
+                    timeout=min(remaining, plan.policy.reminder_every),
+                    timeout_summary="approval reminder",
+                )
+            except asyncio.TimeoutError:
+                if workflow.now() < deadline:
+                    await self._notify("approval_reminder", "still waiting for approval")
+        if self._rejected_by is not None:
+            self._set_state(SagaState.REJECTED)
+            return False
+        return True
+
+    def _approved(self) -> bool:
+        required = self._status.required_approvals or 0
+        return sum(1 for a in self._status.approvals if a.approve) >= required
+
+    def _decision_refusal(self, decision: ApprovalDecision) -> str | None:
+        if self._status.state != SagaState.AWAITING_APPROVAL or self._plan is None:
+            return f"the saga is {self._status.state.value}, not waiting for approval"
+        return refusal_reason(
+            self._plan.policy,
+            approver=decision.approver,
+            requested_by=self._request.requested_by,
+            decisions=self._status.approvals,
+        )
+
+    def _apply_decision(self, decision: ApprovalDecision) -> None:
+        self._status.approvals.append(
+            ApprovalRecord(
+                approver=decision.approver,
+                approve=decision.approve,
+                at=workflow.now(),
+                comment=decision.comment,
+            )
+        )
+        verb = "approved" if decision.approve else "rejected"
+        self._mark("approve", f"{verb}{': ' + decision.comment if decision.comment else ''}",
+                   decision.approver)
+        if not decision.approve:
+            self._rejected_by = decision.approver
+
+    @workflow.signal
+    def approve(self, decision: ApprovalDecision) -> None:
+        """Approve the refund (fire and forget; a refused approval is recorded as ignored)."""
+        self._signal_decision(decision.model_copy(update={"approve": True}))
+
+    @workflow.signal
+    def reject(self, decision: ApprovalDecision) -> None:
+        """Reject the refund: nothing changes, the saga ends REJECTED."""
+        self._signal_decision(decision.model_copy(update={"approve": False}))
+
+    def _signal_decision(self, decision: ApprovalDecision) -> None:
+        reason = self._decision_refusal(decision)
+        if reason:
+            self._ignore("approve" if decision.approve else "reject", decision.approver, reason)
+        else:
+            self._apply_decision(decision)
+
+    @workflow.update
+    async def decide(self, decision: ApprovalDecision) -> DecisionReceipt:
+        """Approve or reject and learn the outcome at once; refusals never touch history."""
+        self._apply_decision(decision)
+        return self._receipt("approved" if decision.approve else "rejected")
+
+    @decide.validator
+    def _validate_decide(self, decision: ApprovalDecision) -> None:
+        reason = self._decision_refusal(decision)
+        if reason:
+            raise ValueError(reason)
+
+    # --- step 3 and 4: refund (the pivot) and record ----------------------------------------
+
+    async def _refund(self, plan: RefundPlan) -> None:
+        self._set_state(SagaState.REFUNDING)
+        if plan.already_refunded:
+            await self._reconcile(plan, "the processor already holds the refund")
+            return
+        info = workflow.info()
+        request = ProcessorRefundInput(
+            workflow_id=info.workflow_id,
+            purchase_id=plan.purchase_id,
+            charge_id=plan.charge_id,
+            amount_cents=plan.amount_cents,
+            currency=plan.currency,
+            # One key per saga run and step: a retried activity or a restarted worker replays
+            # the same request, and a later saga for the same purchase gets a fresh one.
+            idempotency_key=f"{info.workflow_id}/{info.run_id}/refund",
+        )
+
+        async def refund() -> ProcessorRefundResult | None:
+            try:
+                return await workflow.execute_activity_method(
+                    RefundActivities.refund_at_processor,
+                    request,
+                    start_to_close_timeout=HTTP_TIMEOUT,
+                    retry_policy=STEP_RETRY,
+                    # Wait for the outcome even when cancelled: money may be moving.
+                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    summary=f"refund {plan.amount_cents} {plan.currency} of {plan.charge_id}",
+                )
+            except ActivityError as err:
+                if _error_type(err) == ALREADY_REFUNDED:
+                    return None
+                raise
+
+        result = await self._attempt("refund", refund)
+        if result is None:
+            self._status.branch = "already_refunded"
+            await self._reconcile(plan, "the processor said the charge was already refunded")
+            return
+        if result.status == "pending":
+            self._mark("refund", f"refund {result.refund_id} pending at the processor")
+            pending = result
+
+            async def settle() -> ProcessorRefundResult:
+                return await workflow.execute_activity_method(
+                    RefundActivities.await_refund_settled,
+                    SettleInput(refund_id=pending.refund_id),
+                    start_to_close_timeout=HTTP_TIMEOUT,
+                    schedule_to_close_timeout=SETTLE_TIMEOUT,
+                    retry_policy=SETTLE_RETRY,
+                    summary=f"wait for refund {pending.refund_id} to settle",
+                )
+
+            result = await self._attempt("settle", settle)
+        self._status.refund.source = "processor"
+        self._status.refund.amount_cents = result.amount_cents
+        self._status.refund.processor_refund_ids = [result.refund_id]
+        self._mark("refund", f"refunded {result.amount_cents} {result.currency} ({result.refund_id})")
+        entry = LedgerEntry(
+            processor_refund_id=result.refund_id,
+            amount_cents=result.amount_cents,
+            currency=result.currency,
+            source="processor",
+            status="succeeded",
+        )
+        await self._attempt(
+            "record",
+            lambda: workflow.execute_activity_method(
+                RefundActivities.record_refunds,
+                RecordRefundsInput(
+                    workflow_id=info.workflow_id, purchase_id=plan.purchase_id, entries=[entry]
+                ),
+                start_to_close_timeout=STORE_TIMEOUT,
+                retry_policy=STEP_RETRY,
+                summary="record the refund in the OASIS ledger",
+            ),
+        )
+        self._mark("record", "recorded in the OASIS ledger")
+
+    async def _reconcile(self, plan: RefundPlan, why: str) -> None:
+        """Branch 4b: move no money; record what the processor already refunded as external."""
+        result = await self._attempt(
+            "reconcile",
+            lambda: workflow.execute_activity_method(
+                RefundActivities.reconcile_external_refunds,
+                ReconcileInput(
+                    workflow_id=workflow.info().workflow_id,
+                    purchase_id=plan.purchase_id,
+                    charge_id=plan.charge_id,
+                ),
+                start_to_close_timeout=HTTP_TIMEOUT,
+                retry_policy=STEP_RETRY,
+                summary=f"reconcile refunds of {plan.charge_id}",
+            ),
+        )
+        self._status.refund.source = "external"
+        self._status.refund.amount_cents = sum(e.amount_cents for e in result.entries)
+        self._status.refund.processor_refund_ids = [e.processor_refund_id for e in result.entries]
+        self._mark(
+            "refund",
+            f"no money moved ({why}); {len(result.entries)} external refund(s) recorded",
+        )
+
+    # --- step 5: revoke progress ------------------------------------------------------------
+
+    async def _revoke(self, plan: RefundPlan) -> None:
+        self._set_state(SagaState.REVOKING)
+        result = await self._attempt(
+            "revoke",
+            lambda: workflow.execute_activity_method(
+                RefundActivities.revoke_progress,
+                RevokeInput(
+                    workflow_id=workflow.info().workflow_id,
+                    purchase_id=plan.purchase_id,
+                    user_id=plan.user_id,
+                    product_id=plan.product_id,
+                ),
+                start_to_close_timeout=STORE_TIMEOUT,
+                retry_policy=STEP_RETRY,
+                summary="archive then delete course progress",
+            ),
+            skipped=None,
+        )
+        if result is None:
+            return
+        self._status.progress_deleted = (self._status.progress_deleted or 0) + result.deleted
+        self._mark("revoke", f"{result.deleted} progress record(s) archived and deleted")
+
+    # --- step 6: remove the entitlement -----------------------------------------------------
+
+    async def _deentitle(self, plan: RefundPlan) -> None:
+        info = workflow.info()
+        if plan.ams_action == "remove_via_api" and plan.ams_member_id:
+            self._set_state(SagaState.DEENTITLING)
+            member_id = plan.ams_member_id
+            result = await self._attempt(
+                "deentitle",
+                lambda: workflow.execute_activity_method(
+                    RefundActivities.remove_ams_entitlement,
+                    AmsRemovalInput(
+                        workflow_id=info.workflow_id,
+                        member_id=member_id,
+                        product_code=plan.product_code,
+                        idempotency_key=f"{info.workflow_id}/{info.run_id}/deentitle",
+                    ),
+                    start_to_close_timeout=HTTP_TIMEOUT,
+                    retry_policy=STEP_RETRY,
+                    summary=f"remove AMS entitlement {plan.product_code}",
+                ),
+                skipped=None,
+            )
+            if result is None:
+                self._status.ams.state = "skipped"
+                return
+            self._status.ams.state = "removed" if result.removed else "already_absent"
+            self._mark("deentitle", f"AMS entitlement {self._status.ams.state}")
+        elif plan.ams_action == "manual_task":
+            await self._await_manual_ams(plan)
+        elif plan.ams_action == "deactivate_purchase":
+            self._set_state(SagaState.DEENTITLING)
+            await self._attempt(
+                "deentitle",
+                lambda: workflow.execute_activity_method(
+                    RefundActivities.deactivate_purchase,
+                    DeactivateInput(workflow_id=info.workflow_id, purchase_id=plan.purchase_id),
+                    start_to_close_timeout=STORE_TIMEOUT,
+                    retry_policy=STEP_RETRY,
+                    summary="end the OASIS purchase's entitlement",
+                ),
+                skipped=None,
+            )
+            self._status.ams.state = "removed"
+            self._mark("deentitle", "OASIS purchase entitlement ended")
+        else:
+            self._status.ams.state = "not_needed"
+
+    async def _await_manual_ams(self, plan: RefundPlan) -> None:
+        self._set_state(SagaState.AWAITING_AMS_CONFIRMATION, WaitingFor.AMS_CONFIRMATION)
+        self._status.ams.state = "awaiting_confirmation"
+        await self._notify(
+            "ams_task_opened",
+            f"remove entitlement {plan.product_code} of AMS member {plan.ams_member_id} "
+            "in the AMS by hand, then run `refund confirm-ams`",
+        )
+        escalate_at = workflow.now() + plan.policy.ams_escalate_after
+        escalated = False
+        self._resolution = None
+        while self._ams_confirmation is None and self._resolution is None:
+            until_escalation = escalate_at - workflow.now()
+            wait = plan.policy.ams_reminder_every
+            if not escalated and until_escalation > timedelta(0):
+                wait = min(wait, until_escalation)
+            try:
+                await workflow.wait_condition(
+                    lambda: self._ams_confirmation is not None or self._resolution is not None,
+                    timeout=wait,
+                    timeout_summary="AMS task reminder",
+                )
+            except asyncio.TimeoutError:
+                if not escalated and workflow.now() >= escalate_at:
+                    escalated = True
+                    await self._notify("ams_task_escalated", "manual AMS removal is overdue")
+                else:
+                    await self._notify("ams_task_reminder", "manual AMS removal still open")
+        confirmation = self._ams_confirmation
+        if confirmation is None:
+            resolution = self._take_resolution("deentitle")
+            if resolution.action == "abort":
+                raise SagaAborted
+            self._status.ams.state = "skipped"
+            return
+        self._status.ams.state = "confirmed"
+        self._status.ams.reference = confirmation.ams_reference
+        self._mark("deentitle", f"removal confirmed (AMS ref {confirmation.ams_reference})",
+                   confirmation.operator)
+
+    def _confirmation_refusal(self) -> str | None:
+        if self._status.state != SagaState.AWAITING_AMS_CONFIRMATION:
+            return f"the saga is {self._status.state.value}, not waiting for an AMS confirmation"
+        return None
+
+    @workflow.signal
+    def confirm_ams_removal(self, confirmation: AmsConfirmation) -> None:
+        """Someone removed the entitlement in the AMS by hand."""
+        reason = self._confirmation_refusal()
+        if reason:
+            self._ignore("confirm_ams_removal", confirmation.operator, reason)
+        else:
+            self._ams_confirmation = confirmation
+
+    @workflow.update
+    async def confirm_ams(self, confirmation: AmsConfirmation) -> DecisionReceipt:
+        """Confirm the manual AMS removal and learn the outcome at once."""
+        self._ams_confirmation = confirmation
+        return self._receipt("AMS removal confirmed")
+
+    @confirm_ams.validator
+    def _validate_confirm_ams(self, confirmation: AmsConfirmation) -> None:
+        reason = self._confirmation_refusal()
+        if reason:
+            raise ValueError(reason)
+
+    # --- step 7: verify ---------------------------------------------------------------------
+
+    async def _verify(self, plan: RefundPlan) -> None:
+        self._set_state(SagaState.VERIFYING)
+        must_lose_access = plan.revoke_progress and plan.remove_entitlement
+        verify_input = VerifyInput(
+            user_id=plan.user_id,
+            product_id=plan.product_id,
+            entitlement_source=plan.entitlement_source,
+            ams_member_id=plan.ams_member_id,
+            product_code=plan.product_code,
+            ams_removal_confirmed=self._status.ams.state == "confirmed",
+        )
+
+        async def verify() -> AccessDecision:
+            decision: AccessDecision = await workflow.execute_activity_method(
+                RefundActivities.verify_access,
+                verify_input,
+                start_to_close_timeout=HTTP_TIMEOUT,
+                retry_policy=STEP_RETRY,
+                summary="evaluate the OASIS access rule",
+            )
+            self._status.access = decision
+            if must_lose_access and decision.has_access:
+                raise ApplicationError(
+                    "user still has access via: " + ", ".join(decision.reasons),
+                    type="AccessNotRevoked",
+                )
+            return decision
+
+        decision = await self._attempt("verify", verify, skipped=None)
+        if decision is not None:
+            outcome = "access still granted by " + ", ".join(decision.reasons)
+            if not decision.has_access:
+                outcome = "access gone"
+            self._mark("verify", outcome)
+
+    # --- step 8: complete, and every other end ------------------------------------------------
+
+    async def _end(self, state: SagaState) -> SagaStatus:
+        self._set_state(state)
+        plan = self._plan
+        info = workflow.info()
+        close = CloseInput(
+            workflow_id=info.workflow_id,
+            purchase_id=self._request.purchase_id,
+            state=state,
+            revoked=bool(plan and plan.revoke_progress and state == SagaState.COMPLETED),
+            detail={
+                "branch": self._status.branch,
+                "error": self._status.error,
+                "refund_cents": self._status.refund.amount_cents,
+                "progress_deleted": self._status.progress_deleted,
+                "ams": self._status.ams.state,
+                "cancel_requested": self._cancel_requested,
+            },
+            approvals=self._status.approvals,
+            resolutions=self._status.resolutions,
+        )
+        await self._attempt(
+            "complete",
+            lambda: workflow.execute_activity_method(
+                RefundActivities.close_saga,
+                close,
+                start_to_close_timeout=STORE_TIMEOUT,
+                retry_policy=STEP_RETRY,
+                summary=f"close the saga as {state.value}",
+            ),
+            skipped=None,
+        )
+        self._set_state(state)
+        self._mark("end", state.value)
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self._status
+
+    # --- NEEDS_ATTENTION ----------------------------------------------------------------------
+
+    async def _attempt(
+        self,
+        step: str,
+        action: Callable[[], Awaitable[T]],
+        skipped: T | None = None,
+    ) -> T:
+        """Run a step; when it fails for good, wait for ops to retry, skip or abort it."""
+        while True:
+            try:
+                return await action()
+            except (ActivityError, ApplicationError) as err:
+                resolution = await self._needs_attention(step, _error_text(err))
+                if resolution.action == "retry":
+                    continue
+                if resolution.action == "skip":
+                    return skipped  # type: ignore[return-value]
+                raise SagaAborted from err
+
+    async def _needs_attention(self, step: str, error: str) -> Resolution:
+        resume_state = self._status.state
+        resume_waiting = self._status.waiting_for
+        self._status.error = f"{step}: {error}"
+        self._set_state(SagaState.NEEDS_ATTENTION, WaitingFor.OPS)
+        self._mark(step, f"needs attention: {error}")
+        await self._notify("needs_attention", f"step {step} failed: {error}")
+        self._resolution = None
+        await workflow.wait_condition(lambda: self._resolution is not None)
+        resolution = self._take_resolution(step)
+        if resolution.action != "abort":
+            self._status.error = None
+            self._set_state(resume_state, resume_waiting)
+        return resolution
+
+    def _take_resolution(self, step: str) -> Resolution:
+        resolution = self._resolution
+        assert resolution is not None
+        self._resolution = None
+        self._status.resolutions.append(
+            ResolutionRecord(
+                step=step,
+                action=resolution.action,
+                operator=resolution.operator,
+                at=workflow.now(),
+                note=resolution.note,
+            )
+        )
+        self._mark(step, f"ops chose {resolution.action}", resolution.operator)
+        if resolution.action == "abort":
+            self._status.error = (
+                f"aborted by {resolution.operator} at {step}"
+                + (f": {resolution.note}" if resolution.note else "")
+            )
+        return resolution
+
+    def _resolution_refusal(self) -> str | None:
+        if self._status.state not in (
+            SagaState.NEEDS_ATTENTION,
+            SagaState.AWAITING_AMS_CONFIRMATION,
+        ):
+            return f"the saga is {self._status.state.value}, not waiting for ops"
+        return None
+
+    @workflow.signal
+    def resolve(self, resolution: Resolution) -> None:
+        """Ops' decision for a saga in NEEDS_ATTENTION: retry, skip or abort the step."""
+        reason = self._resolution_refusal()
+        if reason:
+            self._ignore("resolve", resolution.operator, reason)
+        else:
+            self._resolution = resolution
+
+    @workflow.update
+    async def resolve_attention(self, resolution: Resolution) -> DecisionReceipt:
+        """Resolve and learn the outcome at once."""
+        self._resolution = resolution
+        return self._receipt(f"{resolution.action} accepted")
+
+    @resolve_attention.validator
+    def _validate_resolve(self, resolution: Resolution) -> None:
+        reason = self._resolution_refusal()
+        if reason:
+            raise ValueError(reason)
+
+    # --- status, search attributes, notes -------------------------------------------------------
+
+    @workflow.query
+    def status(self) -> SagaStatus:
+        """Where the saga is, what it did and what it waits for."""
+        return self._status
+
+    def _receipt(self, message: str) -> DecisionReceipt:
+        return DecisionReceipt(
+            state=self._status.state,
+            approvals=sum(1 for a in self._status.approvals if a.approve),
+            required_approvals=self._status.required_approvals,
+            message=message,
+        )
+
+    def _set_state(self, state: SagaState, waiting_for: WaitingFor | None = None) -> None:
+        changed = state != self._status.state or waiting_for != self._status.waiting_for
+        self._status.state = state
+        if waiting_for != self._status.waiting_for:
+            self._status.waiting_since = workflow.now() if waiting_for else None
+        self._status.waiting_for = waiting_for
+        if changed or state == SagaState.PREPARING:
+            self._upsert_search_attributes()
+        workflow.set_current_details(self._details_markdown())
+
+    def _upsert_search_attributes(self) -> None:
+        updates: list[SearchAttributePair[str] | SearchAttributePair[int]] = [
+            REFUND_STATE.value_set(self._status.state.value),
+            WAITING_FOR.value_set(self._status.waiting_for.value if self._status.waiting_for else "none"),
+            PURCHASE_ID.value_set(str(self._request.purchase_id)),
+            REQUESTED_BY.value_set(self._request.requested_by),
+        ]
+        if self._status.amount_cents is not None:
+            updates.append(REFUND_AMOUNT_CENTS.value_set(self._status.amount_cents))
+        workflow.upsert_search_attributes([u for u in updates])  # type: ignore[misc]
+
+    def _details_markdown(self) -> str:
+        s = self._status
+        lines = [f"**State:** {s.state.value}"]
+        if s.waiting_for:
+            lines.append(f"**Waiting for:** {s.waiting_for.value} since {s.waiting_since:%Y-%m-%d %H:%M} UTC")
+        if s.plan:
+            lines.append(f"**Plan:** {self._describe_plan(s.plan)}")
+        if s.approvals:
+            lines.append(
+                "**Decisions:** "
+                + ", ".join(f"{a.approver} ({'approve' if a.approve else 'reject'})" for a in s.approvals)
+            )
+        if s.error:
+            lines.append(f"**Error:** {s.error}")
+        return "\n\n".join(lines)
+
+    @staticmethod
+    def _describe_plan(plan: RefundPlan) -> str:
+        money = (
+            "no money moves (the processor already refunded the charge)"
+            if plan.already_refunded
+            else f"refund {plan.amount_cents} {plan.currency} of {plan.purchase_amount_cents}"
+        )
+        revoke = (
+            f"delete {plan.progress_records} progress record(s)"
+            if plan.revoke_progress
+            else "keep progress"
+        )
+        ams = {
+            "remove_via_api": f"remove AMS entitlement {plan.product_code} via the API",
+            "manual_task": f"open a manual AMS task for {plan.product_code}",
+            "deactivate_purchase": "end the OASIS purchase entitlement",
+            "none": "keep the entitlement",
+        }[plan.ams_action]
+        approvals = (
+            "auto-approved"
+            if plan.required_approvals == 0
+            else f"{plan.required_approvals} approval(s) needed"
+        )
+        return f"{money}; {revoke}; {ams}; {approvals}"
+
+    def _mark(self, step: str, outcome: str, actor: str = "saga") -> None:
+        self._status.timeline.append(
+            TimelineEntry(at=workflow.now(), step=step, actor=actor, outcome=outcome)
+        )
+
+    def _ignore(self, kind: str, by: str, reason: str) -> None:
+        self._status.ignored.append(
+            IgnoredMessage(kind=kind, by=by, at=workflow.now(), reason=reason)
+        )
+        workflow.logger.info("ignored %s: %s", kind, reason)
+
+    async def _notify(self, kind: NotificationKind, text: str) -> None:
+        await workflow.execute_activity_method(
+            RefundActivities.notify,
+            Notification(
+                kind=kind,
+                workflow_id=workflow.info().workflow_id,
+                purchase_id=self._request.purchase_id,
+                text=text,
+                state=self._status.state,
+            ),
+            start_to_close_timeout=HTTP_TIMEOUT,
+            # A lost reminder must not stop a refund: a few tries, then go on.
+            retry_policy=RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=30)),
+            summary=f"notify: {kind}",
+        )
