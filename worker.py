@@ -36,7 +36,9 @@ GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 @asynccontextmanager
 async def saga_activities(settings: Settings) -> AsyncIterator[RefundActivities]:
     """The activities with their clients, opened for the worker's lifetime."""
-    store = OasisStore.from_url(settings.resolved_database_url, pool_size=settings.database_pool_size)
+    store = OasisStore.from_url(
+        settings.resolved_database_url, pool_size=settings.database_pool_size
+    )
     processor = ProcessorClient(
         settings.processor_url, settings.processor_api_key, timeout_s=settings.processor_timeout_s
     )

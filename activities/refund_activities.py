@@ -9,8 +9,9 @@ to run twice.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -270,9 +271,7 @@ class RefundActivities:
     async def verify_access(self, inp: VerifyInput) -> AccessDecision:
         """Step 7: evaluate the OASIS access rule for the user and product."""
         with _translated():
-            facts = await asyncio.to_thread(
-                self._store.access_facts, inp.user_id, inp.product_id
-            )
+            facts = await asyncio.to_thread(self._store.access_facts, inp.user_id, inp.product_id)
             ams_entitled: bool | None = None
             if inp.entitlement_source == "ams":
                 ams_entitled = bool(inp.ams_member_id) and await self._ams.has_active_entitlement(
@@ -291,7 +290,7 @@ class RefundActivities:
     @activity.defn
     async def close_saga(self, inp: CloseInput) -> None:
         """Step 8 and every other end: purchase status, audit trail, final notification."""
-        decisions: list[tuple[str, str, dict[str, object]]] = [
+        decisions: list[tuple[str, str, dict[str, Any]]] = [
             (
                 "approved" if a.approve else "rejected",
                 a.approver,
@@ -321,7 +320,7 @@ class RefundActivities:
                     workflow_id=inp.workflow_id,
                     purchase_id=inp.purchase_id,
                     state=inp.state.value,
-                    decisions=decisions,  # type: ignore[arg-type]
+                    decisions=decisions,
                     detail=dict(inp.detail),
                 )
             )
@@ -341,7 +340,7 @@ class RefundActivities:
         """Tell people: approval requests, reminders, manual AMS tasks, NEEDS_ATTENTION."""
         await self._notifier.send(notification)
 
-    def all(self) -> list[object]:
+    def all(self) -> list[Callable[..., Any]]:
         """Every activity, for the worker."""
         return [
             self.prepare_refund,

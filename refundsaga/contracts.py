@@ -60,7 +60,13 @@ class SagaState(StrEnum):
 
 
 END_STATES = frozenset(
-    {SagaState.COMPLETED, SagaState.REJECTED, SagaState.EXPIRED, SagaState.CANCELLED, SagaState.FAILED}
+    {
+        SagaState.COMPLETED,
+        SagaState.REJECTED,
+        SagaState.EXPIRED,
+        SagaState.CANCELLED,
+        SagaState.FAILED,
+    }
 )
 
 

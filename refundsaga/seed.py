@@ -49,7 +49,9 @@ class SeedError(RuntimeError):
     """A sandbox refused or could not be reached while seeding."""
 
 
-def _admin(client: httpx.Client, method: str, url: str, body: dict[str, object]) -> dict[str, object]:
+def _admin(
+    client: httpx.Client, method: str, url: str, body: dict[str, object]
+) -> dict[str, object]:
     try:
         response = client.request(method, url, json=body)
     except httpx.HTTPError as err:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributePair
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -22,7 +22,6 @@ with workflow.unsafe.imports_passed_through():
     from refundsaga.contracts import (
         AmsConfirmation,
         AmsRemovalInput,
-        AmsSummary,
         ApprovalDecision,
         ApprovalRecord,
         CloseInput,
@@ -77,6 +76,12 @@ BUSINESS_ERRORS = [
     "PurchaseNotFound",
     REFUND_FAILED,
 ]
+
+AMS_MODES: dict[str, Literal["api", "manual", "oasis"]] = {
+    "ams": "api",
+    "ams_manual": "manual",
+    "oasis": "oasis",
+}
 
 STORE_TIMEOUT = timedelta(seconds=30)
 HTTP_TIMEOUT = timedelta(seconds=60)
@@ -181,7 +186,9 @@ class RefundSaga:
         await self._forward(self._verify, plan)
         return await self._end(SagaState.COMPLETED)
 
-    async def _forward(self, step: Callable[[RefundPlan], Awaitable[None]], plan: RefundPlan) -> None:
+    async def _forward(
+        self, step: Callable[[RefundPlan], Awaitable[None]], plan: RefundPlan
+    ) -> None:
         """Run a step after the pivot: a cancellation no longer stops the saga, it finishes."""
         while True:
             try:
@@ -218,11 +225,7 @@ class RefundSaga:
         self._status.currency = plan.currency
         self._status.required_approvals = plan.required_approvals
         self._status.branch = "already_refunded" if plan.already_refunded else "refund"
-        self._status.ams.mode = {
-            "ams": "api",
-            "ams_manual": "manual",
-            "oasis": "oasis",
-        }[plan.entitlement_source]
+        self._status.ams.mode = AMS_MODES[plan.entitlement_source]
         self._mark("prepare", self._describe_plan(plan))
         return plan
 
@@ -248,7 +251,7 @@ class RefundSaga:
                     timeout=min(remaining, plan.policy.reminder_every),
                     timeout_summary="approval reminder",
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if workflow.now() < deadline:
                     await self._notify("approval_reminder", "still waiting for approval")
         if self._rejected_by is not None:
@@ -280,8 +283,11 @@ class RefundSaga:
             )
         )
         verb = "approved" if decision.approve else "rejected"
-        self._mark("approve", f"{verb}{': ' + decision.comment if decision.comment else ''}",
-                   decision.approver)
+        self._mark(
+            "approve",
+            f"{verb}{': ' + decision.comment if decision.comment else ''}",
+            decision.approver,
+        )
         if not decision.approve:
             self._rejected_by = decision.approver
 
@@ -372,7 +378,9 @@ class RefundSaga:
         self._status.refund.source = "processor"
         self._status.refund.amount_cents = result.amount_cents
         self._status.refund.processor_refund_ids = [result.refund_id]
-        self._mark("refund", f"refunded {result.amount_cents} {result.currency} ({result.refund_id})")
+        self._mark(
+            "refund", f"refunded {result.amount_cents} {result.currency} ({result.refund_id})"
+        )
         entry = LedgerEntry(
             processor_refund_id=result.refund_id,
             amount_cents=result.amount_cents,
@@ -513,7 +521,7 @@ class RefundSaga:
                     timeout=wait,
                     timeout_summary="AMS task reminder",
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if not escalated and workflow.now() >= escalate_at:
                     escalated = True
                     await self._notify("ams_task_escalated", "manual AMS removal is overdue")
@@ -528,8 +536,11 @@ class RefundSaga:
             return
         self._status.ams.state = "confirmed"
         self._status.ams.reference = confirmation.ams_reference
-        self._mark("deentitle", f"removal confirmed (AMS ref {confirmation.ams_reference})",
-                   confirmation.operator)
+        self._mark(
+            "deentitle",
+            f"removal confirmed (AMS ref {confirmation.ams_reference})",
+            confirmation.operator,
+        )
 
     def _confirmation_refusal(self) -> str | None:
         if self._status.state != SagaState.AWAITING_AMS_CONFIRMATION:
@@ -682,9 +693,8 @@ class RefundSaga:
         )
         self._mark(step, f"ops chose {resolution.action}", resolution.operator)
         if resolution.action == "abort":
-            self._status.error = (
-                f"aborted by {resolution.operator} at {step}"
-                + (f": {resolution.note}" if resolution.note else "")
+            self._status.error = f"aborted by {resolution.operator} at {step}" + (
+                f": {resolution.note}" if resolution.note else ""
             )
         return resolution
 
@@ -743,27 +753,33 @@ class RefundSaga:
         workflow.set_current_details(self._details_markdown())
 
     def _upsert_search_attributes(self) -> None:
-        updates: list[SearchAttributePair[str] | SearchAttributePair[int]] = [
+        updates: list[SearchAttributeUpdate[Any]] = [
             REFUND_STATE.value_set(self._status.state.value),
-            WAITING_FOR.value_set(self._status.waiting_for.value if self._status.waiting_for else "none"),
+            WAITING_FOR.value_set(
+                self._status.waiting_for.value if self._status.waiting_for else "none"
+            ),
             PURCHASE_ID.value_set(str(self._request.purchase_id)),
             REQUESTED_BY.value_set(self._request.requested_by),
         ]
         if self._status.amount_cents is not None:
             updates.append(REFUND_AMOUNT_CENTS.value_set(self._status.amount_cents))
-        workflow.upsert_search_attributes([u for u in updates])  # type: ignore[misc]
+        workflow.upsert_search_attributes(updates)
 
     def _details_markdown(self) -> str:
         s = self._status
         lines = [f"**State:** {s.state.value}"]
         if s.waiting_for:
-            lines.append(f"**Waiting for:** {s.waiting_for.value} since {s.waiting_since:%Y-%m-%d %H:%M} UTC")
+            lines.append(
+                f"**Waiting for:** {s.waiting_for.value} since {s.waiting_since:%Y-%m-%d %H:%M} UTC"
+            )
         if s.plan:
             lines.append(f"**Plan:** {self._describe_plan(s.plan)}")
         if s.approvals:
             lines.append(
                 "**Decisions:** "
-                + ", ".join(f"{a.approver} ({'approve' if a.approve else 'reject'})" for a in s.approvals)
+                + ", ".join(
+                    f"{a.approver} ({'approve' if a.approve else 'reject'})" for a in s.approvals
+                )
             )
         if s.error:
             lines.append(f"**Error:** {s.error}")
