@@ -138,6 +138,40 @@ class RefundPlan(Message):
     policy: ApprovalPolicy
 
 
+def format_money(cents: int, currency: str | None) -> str:
+    """Integer cents as a person reads them: 9995, usd -> 99.95 USD."""
+    return f"{cents / 100:,.2f} {(currency or '').upper()}".strip()
+
+
+def describe_plan(plan: RefundPlan) -> str:
+    """The plan in one sentence, as approvers and the Temporal UI see it."""
+    money = (
+        "no money moves (the processor already refunded the charge)"
+        if plan.already_refunded
+        else (
+            f"refund {format_money(plan.amount_cents, plan.currency)} of "
+            f"{format_money(plan.purchase_amount_cents, plan.currency)}"
+        )
+    )
+    revoke = (
+        f"delete {plan.progress_records} progress record(s)"
+        if plan.revoke_progress
+        else "keep progress"
+    )
+    ams = {
+        "remove_via_api": f"remove AMS entitlement {plan.product_code} via the API",
+        "manual_task": f"open a manual AMS task for {plan.product_code}",
+        "deactivate_purchase": "end the OASIS purchase entitlement",
+        "none": "keep the entitlement",
+    }[plan.ams_action]
+    approvals = (
+        "auto-approved"
+        if plan.required_approvals == 0
+        else f"{plan.required_approvals} approval(s) needed"
+    )
+    return f"{money}; {revoke}; {ams}; {approvals}"
+
+
 class PrepareInput(Message):
     request: RefundRequest
     workflow_id: str

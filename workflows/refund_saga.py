@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         TimelineEntry,
         VerifyInput,
         WaitingFor,
+        describe_plan,
     )
     from refundsaga.models import AccessDecision, LedgerEntry
     from refundsaga.search_attributes import (
@@ -226,7 +227,7 @@ class RefundSaga:
         self._status.required_approvals = plan.required_approvals
         self._status.branch = "already_refunded" if plan.already_refunded else "refund"
         self._status.ams.mode = AMS_MODES[plan.entitlement_source]
-        self._mark("prepare", self._describe_plan(plan))
+        self._mark("prepare", describe_plan(plan))
         return plan
 
     # --- step 2: plan and approve -----------------------------------------------------------
@@ -236,7 +237,7 @@ class RefundSaga:
             self._mark("approve", "auto-approved below the policy threshold", "policy")
             return True
         self._set_state(SagaState.AWAITING_APPROVAL, WaitingFor.APPROVAL)
-        await self._notify("approval_requested", self._describe_plan(plan))
+        await self._notify("approval_requested", describe_plan(plan))
         deadline = workflow.now() + plan.policy.approval_timeout
         while not self._approved() and self._rejected_by is None:
             remaining = deadline - workflow.now()
@@ -773,7 +774,7 @@ class RefundSaga:
                 f"**Waiting for:** {s.waiting_for.value} since {s.waiting_since:%Y-%m-%d %H:%M} UTC"
             )
         if s.plan:
-            lines.append(f"**Plan:** {self._describe_plan(s.plan)}")
+            lines.append(f"**Plan:** {describe_plan(s.plan)}")
         if s.approvals:
             lines.append(
                 "**Decisions:** "
@@ -784,31 +785,6 @@ class RefundSaga:
         if s.error:
             lines.append(f"**Error:** {s.error}")
         return "\n\n".join(lines)
-
-    @staticmethod
-    def _describe_plan(plan: RefundPlan) -> str:
-        money = (
-            "no money moves (the processor already refunded the charge)"
-            if plan.already_refunded
-            else f"refund {plan.amount_cents} {plan.currency} of {plan.purchase_amount_cents}"
-        )
-        revoke = (
-            f"delete {plan.progress_records} progress record(s)"
-            if plan.revoke_progress
-            else "keep progress"
-        )
-        ams = {
-            "remove_via_api": f"remove AMS entitlement {plan.product_code} via the API",
-            "manual_task": f"open a manual AMS task for {plan.product_code}",
-            "deactivate_purchase": "end the OASIS purchase entitlement",
-            "none": "keep the entitlement",
-        }[plan.ams_action]
-        approvals = (
-            "auto-approved"
-            if plan.required_approvals == 0
-            else f"{plan.required_approvals} approval(s) needed"
-        )
-        return f"{money}; {revoke}; {ams}; {approvals}"
 
     def _mark(self, step: str, outcome: str, actor: str = "saga") -> None:
         self._status.timeline.append(

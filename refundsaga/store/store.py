@@ -83,6 +83,14 @@ class DatabaseUnavailable(StoreError):
     """The database did not accept connections in time."""
 
 
+class AccessSubject(Record):
+    """Who and what an access check is about, as identifiers."""
+
+    entitlement_source: EntitlementSource
+    product_code: str
+    ams_member_id: str | None
+
+
 class AuditEvent(Record):
     """One entry of the audit trail, as the store returns it."""
 
@@ -577,6 +585,18 @@ class OasisStore:
         with self._read() as session:
             row = session.execute(select(progress_count, active_purchase)).one()
         return AccessFacts(progress_count=int(row[0]), active_purchase=bool(row[1]))
+
+    def access_subject(self, user_id: int, product_id: int) -> AccessSubject | None:
+        """The identifiers the access rule needs besides the facts: where entitlement comes
+        from for the product, and the user's AMS member id. None when either is unknown."""
+        statement = select(Product.entitlement_source, Product.code, User.ams_member_id).where(
+            Product.id == product_id, User.id == user_id
+        )
+        with self._read() as session:
+            row = session.execute(statement).one_or_none()
+        if row is None:
+            return None
+        return AccessSubject(entitlement_source=row[0], product_code=row[1], ams_member_id=row[2])
 
     def archived_progress(self, *, workflow_id: str) -> int:
         """Count the progress rows a refund saga archived.

@@ -1,0 +1,760 @@
+"""The `refund` command line: support starts sagas, approvers decide, ops watch and unblock.
+
+Exit codes: 0 done; 2 refused or invalid input (nothing was started or changed); 1 anything
+else (Temporal unreachable, a timeout). Every verb has `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from refundsaga import operations as ops
+from refundsaga.contracts import (
+    AmsConfirmation,
+    ApprovalDecision,
+    RefundRequest,
+    Resolution,
+    SagaState,
+    SagaStatus,
+    describe_plan,
+    format_money,
+)
+from refundsaga.settings import Settings, get_settings
+from refundsaga.temporal import TemporalUnavailable, connect
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="refund",
+    help=(
+        "Durable, auditable refunds for OASIS. Support starts a saga, approvers decide, "
+        "ops watch and unblock.\n\nExit codes: 0 done, 2 refused or invalid input "
+        "(nothing changed), 1 anything else."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(help="The embedded stack: Temporal dev server + UI, sandboxes, worker.")
+db_app = typer.Typer(help="The OASIS store's schema migrations.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+SagaRef = Annotated[str, typer.Argument(help="Workflow id (refund-42) or purchase id (42).")]
+
+
+class ExitCode:
+    OK = 0
+    ERROR = 1
+    REFUSED = 2
+
+
+def fail(message: str, code: int = ExitCode.REFUSED) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _validation_message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "input"
+        parts.append(f"{where}: {item['msg']}")
+    return "invalid input: " + "; ".join(parts)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine and turn every known failure into a one-line message and exit code."""
+    try:
+        return asyncio.run(coro)
+    except ops.Refused as e:
+        fail(str(e), ExitCode.REFUSED)
+    except ValidationError as e:
+        fail(_validation_message(e), ExitCode.REFUSED)
+    except (ops.OperationError, TemporalUnavailable) as e:
+        fail(str(e), ExitCode.ERROR)
+
+
+def build(model: type[BaseModel], **fields: Any) -> Any:
+    """Validate user input into a message model before anything is sent anywhere."""
+    try:
+        return model(**fields)
+    except ValidationError as e:
+        fail(_validation_message(e))
+
+
+def emit_json(payload: Any) -> None:
+    if isinstance(payload, BaseModel):
+        text = payload.model_dump_json(indent=2)
+    else:
+        text = json.dumps(payload, indent=2, default=str)
+    sys.stdout.write(text + "\n")
+
+
+def money(cents: int | None, currency: str | None) -> str:
+    return "rest" if cents is None else format_money(cents, currency)
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def render_status(status: SagaStatus, ui_url: str) -> None:
+    """The saga for a person: the plan, what it waits for, and its timeline."""
+    lines = [
+        f"[bold]{status.workflow_id}[/bold]  state [bold]{status.state.value}[/bold]",
+        f"purchase {status.purchase_id}  amount {money(status.amount_cents, status.currency)}"
+        f"  requested by {status.requested_by}",
+    ]
+    if status.waiting_for:
+        lines.append(
+            f"[yellow]waiting for {status.waiting_for.value}[/yellow] since "
+            f"{_when(status.waiting_since)} UTC"
+        )
+    if status.required_approvals is not None:
+        approved = [a.approver for a in status.approvals if a.approve]
+        lines.append(
+            f"approvals {len(approved)}/{status.required_approvals}"
+            + (f" ({', '.join(approved)})" if approved else "")
+        )
+    if status.refund.source:
+        lines.append(
+            f"refund {money(status.refund.amount_cents, status.currency)} "
+            f"({status.refund.source}: {', '.join(status.refund.processor_refund_ids)})"
+        )
+    if status.progress_deleted is not None:
+        lines.append(f"progress deleted {status.progress_deleted}")
+    lines.append(f"AMS {status.ams.mode}: {status.ams.state}")
+    if status.access is not None:
+        access = "still has access via " + ", ".join(status.access.reasons)
+        lines.append(f"access {'gone' if not status.access.has_access else access}")
+    if status.error:
+        lines.append(f"[red]{status.error}[/red]")
+    for ignored in status.ignored[-3:]:
+        lines.append(f"[dim]ignored {ignored.kind} by {ignored.by}: {ignored.reason}[/dim]")
+    out.print(Panel("\n".join(lines), title="refund saga", expand=False))
+    table = Table("time (UTC)", "step", "actor", "outcome", title="timeline")
+    for entry in status.timeline:
+        table.add_row(_when(entry.at), entry.step, entry.actor, entry.outcome)
+    out.print(table)
+    out.print(f"Temporal UI: {ui_url}/namespaces/default/workflows/{status.workflow_id}")
+
+
+# --- support ----------------------------------------------------------------------------------
+
+
+@app.command()
+def start(
+    purchase_id: Annotated[int, typer.Argument(help="The OASIS purchase to refund.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in history: no names or emails).")],
+    requested_by: Annotated[
+        str, typer.Option("--requested-by", "--as", help="Your user name (e.g. sam).")
+    ],
+    amount: Annotated[
+        int | None,
+        typer.Option(help="Amount in cents; omit for the whole unrefunded rest."),
+    ] = None,
+    currency: Annotated[str | None, typer.Option(help="Expected currency, e.g. usd.")] = None,
+    revoke: Annotated[
+        bool | None,
+        typer.Option("--revoke/--keep-progress", help="Delete progress (default: if full)."),
+    ] = None,
+    remove_entitlement: Annotated[
+        bool | None,
+        typer.Option(
+            "--remove-entitlement/--keep-entitlement", help="De-entitle (default: if full)."
+        ),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait until the saga has prepared its plan.")
+    ] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a refund saga for a purchase.
+
+    Example: refund start 42 --reason "duplicate purchase" --as sam --amount 2500
+    """
+    request: RefundRequest = build(
+        RefundRequest,
+        purchase_id=purchase_id,
+        amount_cents=amount,
+        currency=currency,
+        reason=reason,
+        requested_by=requested_by,
+        revoke_progress=revoke,
+        remove_entitlement=remove_entitlement,
+    )
+    settings = get_settings()
+
+    async def go() -> SagaStatus | str:
+        client = await connect(settings)
+        handle = await ops.start_refund(client, settings, request)
+        if not wait:
+            return handle.id
+        status = await ops.wait_for_state(
+            client,
+            handle.id,
+            {s for s in SagaState if s != SagaState.PREPARING},
+            timeout_s=60,
+        )
+        if status.state == SagaState.FAILED:
+            raise ops.Refused(f"{handle.id} refused the request: {status.error}")
+        return status
+
+    result = run(go())
+    if isinstance(result, str):
+        if as_json:
+            emit_json({"workflow_id": result, "state": "PREPARING"})
+        else:
+            out.print(f"started {result}")
+        return
+    if as_json:
+        emit_json(result)
+        return
+    out.print(f"started [bold]{result.workflow_id}[/bold]: {result.state.value}")
+    if result.plan:
+        out.print(f"plan: {describe_plan(result.plan)}")
+    if result.state == SagaState.AWAITING_APPROVAL:
+        out.print(f"next: an approver runs `refund approve {result.workflow_id} --as <name>`")
+
+
+# --- approvers --------------------------------------------------------------------------------
+
+
+def _decide(ref: str, approver: str, comment: str, approve: bool, as_json: bool) -> None:
+    decision: ApprovalDecision = build(
+        ApprovalDecision, approver=approver, approve=approve, comment=comment
+    )
+    workflow_id = ops.resolve_workflow_id(ref)
+    settings = get_settings()
+
+    async def go() -> Any:
+        return await ops.decide(await connect(settings), workflow_id, decision)
+
+    receipt = run(go())
+    if as_json:
+        emit_json({"workflow_id": workflow_id, **receipt.model_dump(mode="json")})
+        return
+    out.print(
+        f"{workflow_id}: {receipt.message}; state {receipt.state.value}, approvals "
+        f"{receipt.approvals}/{receipt.required_approvals}"
+    )
+
+
+@app.command()
+def approve(
+    saga: SagaRef,
+    approver: Annotated[str, typer.Option("--as", "--approver", help="Your user name.")],
+    comment: Annotated[str, typer.Option(help="Optional comment.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve a refund waiting for approval.
+
+    Example: refund approve refund-42 --as bob --comment "checked the order"
+    """
+    _decide(saga, approver, comment, True, as_json)
+
+
+@app.command()
+def reject(
+    saga: SagaRef,
+    approver: Annotated[str, typer.Option("--as", "--approver", help="Your user name.")],
+    comment: Annotated[str, typer.Option(help="Why (optional).")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Reject a refund: nothing changes, the saga ends REJECTED.
+
+    Example: refund reject 42 --as carol --comment "already credited"
+    """
+    _decide(saga, approver, comment, False, as_json)
+
+
+@app.command()
+def pending(
+    approver: Annotated[str, typer.Option("--approver", "--as", help="Your user name.")],
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """What this approver may decide now (not their own requests, not decided yet).
+
+    Example: refund pending --approver bob
+    """
+    settings = get_settings()
+    if approver not in settings.approvers:
+        fail(f"{approver} is not on the approver allowlist (REFUND_APPROVERS)")
+
+    async def go() -> list[SagaStatus]:
+        client = await connect(settings)
+        query = ops.list_query(state=SagaState.AWAITING_APPROVAL)
+        found = []
+        for execution in await ops.list_sagas(client, query, limit=limit):
+            status = await ops.get_status(client, execution.id)
+            mine = status.requested_by == approver
+            decided = any(a.approver == approver for a in status.approvals)
+            if status.state == SagaState.AWAITING_APPROVAL and not mine and not decided:
+                found.append(status)
+        return found
+
+    statuses = run(go())
+    if as_json:
+        emit_json([s.model_dump(mode="json") for s in statuses])
+        return
+    table = Table("workflow", "purchase", "amount", "requested by", "approvals", "waiting since")
+    for s in statuses:
+        table.add_row(
+            s.workflow_id,
+            str(s.purchase_id),
+            money(s.amount_cents, s.currency),
+            s.requested_by,
+            f"{sum(a.approve for a in s.approvals)}/{s.required_approvals}",
+            _when(s.waiting_since),
+        )
+    out.print(table if statuses else f"nothing waits for {approver}")
+
+
+# --- everyone: status and list ------------------------------------------------------------------
+
+
+class StateChoice(StrEnum):
+    PREPARING = "PREPARING"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
+    REFUNDING = "REFUNDING"
+    REVOKING = "REVOKING"
+    DEENTITLING = "DEENTITLING"
+    AWAITING_AMS_CONFIRMATION = "AWAITING_AMS_CONFIRMATION"
+    VERIFYING = "VERIFYING"
+    NEEDS_ATTENTION = "NEEDS_ATTENTION"
+    COMPLETED = "COMPLETED"
+    REJECTED = "REJECTED"
+    EXPIRED = "EXPIRED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+
+
+@app.command()
+def status(
+    saga: SagaRef,
+    wait_for: Annotated[
+        list[StateChoice] | None,
+        typer.Option("--wait-for", help="Wait until the saga is in this state (repeatable)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait-for.")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a saga: its plan, approvals, what it waits for, and its timeline.
+
+    Example: refund status refund-42 --wait-for COMPLETED --timeout 120
+    """
+    workflow_id = ops.resolve_workflow_id(saga)
+    settings = get_settings()
+
+    async def go() -> SagaStatus:
+        client = await connect(settings)
+        if wait_for:
+            states = {SagaState(s.value) for s in wait_for}
+            return await ops.wait_for_state(client, workflow_id, states, timeout_s=timeout)
+        return await ops.get_status(client, workflow_id)
+
+    result = run(go())
+    if as_json:
+        emit_json(result)
+    else:
+        render_status(result, settings.temporal_ui_url)
+
+
+@app.command("list")
+def list_(
+    state: Annotated[StateChoice | None, typer.Option(help="Only sagas in this state.")] = None,
+    waiting_for: Annotated[
+        str | None, typer.Option(help="approval, ams_confirmation or ops.")
+    ] = None,
+    requested_by: Annotated[str | None, typer.Option(help="Only this requester's.")] = None,
+    purchase: Annotated[int | None, typer.Option(help="Only this purchase's.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Started since: ISO date/time, or 24h / 7d.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List sagas, newest first, by the search attributes ops use in the Temporal UI.
+
+    Example: refund list --state NEEDS_ATTENTION --since 7d
+    """
+    if waiting_for and waiting_for not in ("approval", "ams_confirmation", "ops", "none"):
+        fail("--waiting-for must be approval, ams_confirmation, ops or none")
+    started_since = _parse_since(since) if since else None
+    query = ops.list_query(
+        state=SagaState(state.value) if state else None,
+        waiting_for=waiting_for,
+        requested_by=requested_by,
+        purchase_id=purchase,
+        since=started_since,
+    )
+    settings = get_settings()
+
+    async def go() -> list[Any]:
+        return await ops.list_sagas(await connect(settings), query, limit=limit)
+
+    executions = run(go())
+    rows = []
+    for e in executions:
+        attrs = e.typed_search_attributes
+        rows.append(
+            {
+                "workflow_id": e.id,
+                "run_id": e.run_id,
+                "state": attrs.get(ops.sa.REFUND_STATE),
+                "waiting_for": attrs.get(ops.sa.WAITING_FOR),
+                "purchase_id": attrs.get(ops.sa.PURCHASE_ID),
+                "amount_cents": attrs.get(ops.sa.REFUND_AMOUNT_CENTS),
+                "requested_by": attrs.get(ops.sa.REQUESTED_BY),
+                "started": e.start_time.isoformat(),
+                "temporal_status": e.status.name if e.status else None,
+            }
+        )
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("workflow", "state", "waiting for", "purchase", "amount", "by", "started (UTC)")
+    for r in rows:
+        table.add_row(
+            r["workflow_id"],
+            str(r["state"]),
+            str(r["waiting_for"] or "-"),
+            str(r["purchase_id"]),
+            money(r["amount_cents"], None),
+            str(r["requested_by"]),
+            r["started"][:19].replace("T", " "),
+        )
+    out.print(table if rows else "no sagas match")
+    out.print(f"[dim]query: {query}[/dim]")
+
+
+def _parse_since(value: str) -> datetime:
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if value[:-1].isdigit() and value[-1] in units:
+        return datetime.now(UTC) - timedelta(**{units[value[-1]]: int(value[:-1])})
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"--since {value!r}: use an ISO date/time (2026-11-01) or 24h / 7d")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# --- ops --------------------------------------------------------------------------------------
+
+
+@app.command("confirm-ams")
+def confirm_ams(
+    saga: SagaRef,
+    operator: Annotated[str, typer.Option("--as", "--operator", help="Your user name.")],
+    reference: Annotated[str, typer.Option(help="The AMS's reference for the removal.")],
+    note: Annotated[str, typer.Option(help="Optional note.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Confirm you removed the entitlement in an AMS without integration.
+
+    Example: refund confirm-ams refund-42 --as olivia --reference AMS-CASE-77
+    """
+    confirmation: AmsConfirmation = build(
+        AmsConfirmation, operator=operator, ams_reference=reference, note=note
+    )
+    workflow_id = ops.resolve_workflow_id(saga)
+    settings = get_settings()
+
+    async def go() -> Any:
+        return await ops.confirm_ams(await connect(settings), workflow_id, confirmation)
+
+    receipt = run(go())
+    if as_json:
+        emit_json({"workflow_id": workflow_id, **receipt.model_dump(mode="json")})
+    else:
+        out.print(f"{workflow_id}: {receipt.message}")
+
+
+class ResolveChoice(StrEnum):
+    retry = "retry"
+    skip = "skip"
+    abort = "abort"
+
+
+@app.command()
+def resolve(
+    saga: SagaRef,
+    action: Annotated[ResolveChoice, typer.Argument(help="retry, skip or abort the step.")],
+    operator: Annotated[str, typer.Option("--as", "--operator", help="Your user name.")],
+    note: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Unblock a saga in NEEDS_ATTENTION: retry the step, skip it, or abort the saga.
+
+    Example: refund resolve refund-42 retry --as olivia --note "AMS back up"
+    """
+    resolution: Resolution = build(Resolution, action=action.value, operator=operator, note=note)
+    workflow_id = ops.resolve_workflow_id(saga)
+    settings = get_settings()
+
+    async def go() -> Any:
+        return await ops.resolve(await connect(settings), workflow_id, resolution)
+
+    receipt = run(go())
+    if as_json:
+        emit_json({"workflow_id": workflow_id, **receipt.model_dump(mode="json")})
+    else:
+        out.print(f"{workflow_id}: {receipt.message}; state {receipt.state.value}")
+
+
+@app.command()
+def access(
+    user: Annotated[int, typer.Option(help="OASIS user id.")],
+    product: Annotated[int, typer.Option(help="OASIS product id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate the OASIS access rule: does the user have access, and why.
+
+    Example: refund access --user 7 --product 3 --json
+    """
+    from refundsaga.access import decide_access
+    from refundsaga.ams import AmsError, HttpAmsClient
+    from refundsaga.store import OasisStore
+
+    settings = get_settings()
+    store = _open_store(settings, OasisStore)
+    try:
+        subject = store.access_subject(user, product)
+        if subject is None:
+            fail(f"no user {user} or no product {product} in the OASIS store")
+        facts = store.access_facts(user, product)
+    finally:
+        store.close()
+
+    async def ams_entitled() -> bool | None:
+        if subject.entitlement_source == "oasis":
+            return None
+        if not subject.ams_member_id:
+            return False
+        async with HttpAmsClient(settings.ams_url, settings.ams_api_key) as client:
+            try:
+                return await client.has_active_entitlement(
+                    subject.ams_member_id, subject.product_code
+                )
+            except AmsError as e:
+                raise ops.OperationError(f"the AMS did not answer: {e.message}") from e
+
+    entitled = run(ams_entitled())
+    decision = decide_access(
+        entitlement_source=subject.entitlement_source,
+        progress_count=facts.progress_count,
+        active_purchase=facts.active_purchase,
+        ams_entitled=entitled,
+    )
+    payload = {
+        "user_id": user,
+        "product_id": product,
+        "has_access": decision.has_access,
+        "reasons": decision.reasons,
+        "entitlement_source": subject.entitlement_source,
+        "progress_count": facts.progress_count,
+    }
+    if as_json:
+        emit_json(payload)
+    elif decision.has_access:
+        out.print(f"user {user} HAS access to product {product} via {', '.join(decision.reasons)}")
+    else:
+        out.print(f"user {user} has NO access to product {product}")
+
+
+def _open_store(settings: Settings, store_cls: Any) -> Any:
+    from refundsaga.store.migrate import upgrade
+
+    try:
+        upgrade(settings.resolved_database_url)
+        return store_cls.from_url(settings.resolved_database_url)
+    except Exception as e:
+        fail(f"cannot open the OASIS store ({type(e).__name__}): {e}", ExitCode.ERROR)
+
+
+@app.command()
+def seed(
+    scenario: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="standard, already_refunded, partial, manual_ams, oasis_entitled, "
+            "pending_refund (repeatable; default: all)."
+        ),
+    ] = None,
+    count: Annotated[int, typer.Option(min=1, max=10_000, help="Purchases per scenario.")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create demo purchases, consistent in the store and both sandboxes.
+
+    Example: refund seed --scenario standard --count 3 --json
+    """
+    from refundsaga.seed import SCENARIOS, SeedError
+    from refundsaga.seed import seed as seed_data
+    from refundsaga.store import OasisStore
+
+    chosen = scenario or list(SCENARIOS)
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown:
+        fail(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    settings = get_settings()
+    store = _open_store(settings, OasisStore)
+    try:
+        purchases = seed_data(
+            store,
+            processor_url=settings.processor_url,
+            ams_url=settings.ams_url,
+            scenarios=chosen,  # type: ignore[arg-type]
+            count=count,
+        )
+    except SeedError as e:
+        fail(str(e), ExitCode.ERROR)
+    finally:
+        store.close()
+    if as_json:
+        emit_json([p.model_dump(mode="json") for p in purchases])
+        return
+    table = Table("purchase", "scenario", "amount", "charge", "user", "product", "AMS member")
+    for p in purchases:
+        table.add_row(
+            str(p.purchase_id),
+            p.scenario,
+            money(p.amount_cents, p.currency),
+            p.charge_id,
+            str(p.user_id),
+            str(p.product_id),
+            p.ams_member_id or "-",
+        )
+    out.print(table)
+
+
+# --- operations: worker, stack, db -----------------------------------------------------------
+
+
+@app.command()
+def worker() -> None:
+    """Run a worker in the foreground (SIGTERM or Ctrl-C stop it gracefully)."""
+    import worker as worker_module
+
+    try:
+        worker_module.main()
+    except TemporalUnavailable as e:
+        fail(str(e), ExitCode.ERROR)
+
+
+def _progress(message: str) -> None:
+    err.print(f"[dim]{message}[/dim]", highlight=False)
+
+
+def _stack_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    from refundsaga.stack import StackError
+
+    try:
+        return fn(*args, **kwargs)
+    except StackError as e:
+        fail(str(e), ExitCode.ERROR)
+
+
+def _print_components(components: list[Any], as_json: bool) -> None:
+    if as_json:
+        emit_json({"components": [c.to_dict() for c in components]})
+        return
+    table = Table("component", "state", "pid", "url")
+    for c in components:
+        color = "green" if c.state == "running" else "red"
+        table.add_row(c.name, f"[{color}]{c.state}[/{color}]", str(c.pid or "-"), c.url or "-")
+    out.print(table)
+
+
+@stack_app.command("up")
+def stack_up(as_json: JsonOpt = False) -> None:
+    """Start Temporal (with its UI), the sandboxes, the store and a worker; wait until ready."""
+    from refundsaga import stack
+
+    settings = get_settings()
+    components = _stack_call(stack.up, settings, on_progress=_progress)
+    _print_components(components, as_json)
+    if not as_json:
+        out.print(f"Temporal UI: {settings.temporal_ui_url}")
+
+
+@stack_app.command("down")
+def stack_down(as_json: JsonOpt = False) -> None:
+    """Stop every component of the embedded stack and free its ports."""
+    from refundsaga import stack
+
+    components = _stack_call(stack.down, get_settings(), on_progress=_progress)
+    _print_components(components, as_json)
+
+
+@stack_app.command("status")
+def stack_status(as_json: JsonOpt = False) -> None:
+    """Show each component: running or not, pid, URL."""
+    from refundsaga import stack
+
+    _print_components(_stack_call(stack.status, get_settings()), as_json)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Migrate the store up to a revision (default: head)."""
+    from refundsaga.store.migrate import upgrade, wait_for_database
+
+    url = get_settings().resolved_database_url
+    try:
+        wait_for_database(url)
+        upgrade(url, revision)
+    except Exception as e:
+        fail(f"upgrade failed ({type(e).__name__}): {e}", ExitCode.ERROR)
+    out.print(f"store at {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="e.g. -1 or base")]) -> None:
+    """Migrate the store down to a revision."""
+    from refundsaga.store.migrate import downgrade
+
+    try:
+        downgrade(get_settings().resolved_database_url, revision)
+    except Exception as e:
+        fail(f"downgrade failed ({type(e).__name__}): {e}", ExitCode.ERROR)
+    out.print(f"store at {revision}")
+
+
+@db_app.command("current")
+def db_current(as_json: JsonOpt = False) -> None:
+    """Show the store's current migration revision."""
+    from refundsaga.store.migrate import current
+
+    try:
+        revision = current(get_settings().resolved_database_url)
+    except Exception as e:
+        fail(f"cannot read the revision ({type(e).__name__}): {e}", ExitCode.ERROR)
+    if as_json:
+        emit_json({"revision": revision})
+    else:
+        out.print(revision or "empty (no migrations applied)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
