@@ -4,6 +4,7 @@ money at the processor, rows in the store, entitlements in the AMS, the saga's s
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -254,7 +255,12 @@ async def test_approval_validator_refuses_without_touching_history(world: SagaWo
     purchase = world.seed("standard")
     handle = await world.start(purchase, requested_by="alice")
     await world.wait_for(handle, SagaState.AWAITING_APPROVAL)
-    events_before = await meaningful_events(handle)
+    # Settled: the approval request went out and the reminder timer runs.
+    for _ in range(200):
+        events_before = await meaningful_events(handle)
+        if events_before[-1] == "EVENT_TYPE_TIMER_STARTED":
+            break
+        await asyncio.sleep(0.025)
     refusals = {
         "alice": "four-eyes",
         "mallory": "not on the approver allowlist",
