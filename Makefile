@@ -5,7 +5,7 @@ REFUND := $(VENV)/bin/refund
 PYTHON ?= python3
 N ?= 30
 
-.PHONY: install up down status demo test lint format bench clean
+.PHONY: install up down status demo test lint format bench clean histories
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q
+
+# Re-record the saga histories the replay test checks (after an intended workflow change
+# that is guarded by workflow.patched, keep the old files too).
+histories: install
+	rm -f tests/histories/*.json
+	REFUND_RECORD_HISTORIES=1 $(VENV)/bin/pytest -q tests/test_saga.py
 
 lint: install
 	$(VENV)/bin/ruff check .

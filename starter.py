@@ -25,7 +25,7 @@ from rich.progress import Progress
 from refundsaga import operations as ops
 from refundsaga.contracts import RefundRequest
 from refundsaga.settings import get_settings
-from refundsaga.temporal import TemporalUnavailable, connect
+from refundsaga.temporal import TemporalUnavailable, connect, run_and_exit
 
 MAX_ROWS = 50_000
 err = Console(stderr=True)
@@ -176,7 +176,7 @@ def main(
 
 
 def cli() -> None:
-    typer.run(main)
+    run_and_exit(lambda: typer.run(main))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from refundsaga.processor import ProcessorClient
 from refundsaga.settings import Settings, get_settings
 from refundsaga.store import OasisStore
 from refundsaga.store.migrate import upgrade, wait_for_database
-from refundsaga.temporal import connect
+from refundsaga.temporal import connect, run_and_exit
 from workflows.refund_saga import RefundSaga
 
 log = logging.getLogger("refundsaga.worker")
@@ -100,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -32,7 +32,7 @@ from refundsaga.contracts import (
     format_money,
 )
 from refundsaga.settings import Settings, get_settings
-from refundsaga.temporal import TemporalUnavailable, connect
+from refundsaga.temporal import TemporalUnavailable, connect, run_and_exit
 
 T = TypeVar("T")
 
@@ -753,7 +753,8 @@ def db_current(as_json: JsonOpt = False) -> None:
 
 
 def main() -> None:
-    app()
+    """The `refund` console script."""
+    run_and_exit(app)
 
 
 if __name__ == "__main__":

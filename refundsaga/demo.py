@@ -20,7 +20,7 @@ from refundsaga.contracts import ApprovalDecision, RefundRequest, SagaState, for
 from refundsaga.seed import SeededPurchase, seed
 from refundsaga.settings import Settings, get_settings
 from refundsaga.store import OasisStore
-from refundsaga.temporal import connect
+from refundsaga.temporal import connect, run_and_exit
 
 console = Console()
 
@@ -124,4 +124,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

@@ -404,7 +404,7 @@ class _UpRun:
             argv = [
                 sys.executable,
                 "-c",
-                "import worker; worker.main()",
+                "import worker, refundsaga.temporal as t; t.run_and_exit(worker.main)",
                 f"{_WORKER_TAG}{self.paths.data_dir}",
             ]
             spawned_at = time.time()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -30,3 +35,26 @@ async def connect(settings: Settings) -> Client:
             f"(namespace {settings.temporal_namespace}); start it with `refund stack up` "
             "or set REFUND_TEMPORAL_ADDRESS"
         ) from err
+
+
+def run_and_exit(entry: Callable[[], object]) -> NoReturn:
+    """Run a command's entry point, then leave without interpreter teardown.
+
+    A short-lived process that used a Temporal client can abort during finalization when the
+    SDK's Rust threads outlive the interpreter (temporalio/sdk-python#300: "PyGILState_Release
+    ... finalizing"), turning a successful command into exit -6. Flushing and `os._exit` keep
+    the exit code the command chose.
+    """
+    code: int = 0
+    try:
+        result = entry()
+        code = result if isinstance(result, int) else 0
+    except SystemExit as exit_:
+        raw = exit_.code
+        code = raw if isinstance(raw, int) else (0 if raw is None else 1)
+        if isinstance(raw, str):
+            print(raw, file=sys.stderr)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)

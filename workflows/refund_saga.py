@@ -85,7 +85,8 @@ AMS_MODES: dict[str, Literal["api", "manual", "oasis"]] = {
 }
 
 STORE_TIMEOUT = timedelta(seconds=30)
-HTTP_TIMEOUT = timedelta(seconds=60)
+# An external call the worker died in is retried after this; the clients time out sooner.
+HTTP_TIMEOUT = timedelta(seconds=20)
 # Transient faults are retried with backoff; after this many attempts a person looks (ops can
 # retry from NEEDS_ATTENTION as often as they like).
 STEP_RETRY = RetryPolicy(

@@ -1,0 +1,43 @@
+"""Determinism guard: every recorded saga history must replay on the current workflow code.
+
+The histories in tests/histories/ were recorded from every saga path (`make histories`). A
+change to the workflow's command sequence that would break running sagas fails here, in CI,
+instead of in production; such a change needs `workflow.patched`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from workflows.refund_saga import RefundSaga
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+
+
+def saga_end(path: Path) -> str | None:
+    """The end state a recorded saga closed with (the input of its close_saga activity)."""
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    for event in history.events:
+        attrs = event.activity_task_scheduled_event_attributes
+        if attrs.activity_type.name == "close_saga":
+            return str(json.loads(attrs.input.payloads[0].data)["state"])
+    return None
+
+
+def test_there_are_recorded_histories_of_every_end() -> None:
+    ends = {saga_end(path) for path in HISTORIES}
+    assert len(HISTORIES) >= 10
+    assert ends >= {"COMPLETED", "REJECTED", "EXPIRED", "FAILED", "CANCELLED"}
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_history_replays(path: Path) -> None:
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    replayer = Replayer(workflows=[RefundSaga], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)
