@@ -90,6 +90,14 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         fail(str(e), ExitCode.ERROR)
 
 
+def load_settings() -> Settings:
+    """The settings, or a one-line message naming the bad REFUND_* variable."""
+    try:
+        return get_settings()
+    except ValidationError as e:
+        fail("invalid settings: " + _validation_message(e).removeprefix("invalid input: "))
+
+
 def build(model: type[BaseModel], **fields: Any) -> Any:
     """Validate user input into a message model before anything is sent anywhere."""
     try:
@@ -199,7 +207,7 @@ def start(
         revoke_progress=revoke,
         remove_entitlement=remove_entitlement,
     )
-    settings = get_settings()
+    settings = load_settings()
 
     async def go() -> SagaStatus | str:
         client = await connect(settings)
@@ -241,7 +249,7 @@ def _decide(ref: str, approver: str, comment: str, approve: bool, as_json: bool)
         ApprovalDecision, approver=approver, approve=approve, comment=comment
     )
     workflow_id = ops.resolve_workflow_id(ref)
-    settings = get_settings()
+    settings = load_settings()
 
     async def go() -> Any:
         return await ops.decide(await connect(settings), workflow_id, decision)
@@ -294,7 +302,7 @@ def pending(
 
     Example: refund pending --approver bob
     """
-    settings = get_settings()
+    settings = load_settings()
     if approver not in settings.approvers:
         fail(f"{approver} is not on the approver allowlist (REFUND_APPROVERS)")
 
@@ -361,7 +369,7 @@ def status(
     Example: refund status refund-42 --wait-for COMPLETED --timeout 120
     """
     workflow_id = ops.resolve_workflow_id(saga)
-    settings = get_settings()
+    settings = load_settings()
 
     async def go() -> SagaStatus:
         client = await connect(settings)
@@ -405,7 +413,7 @@ def list_(
         purchase_id=purchase,
         since=started_since,
     )
-    settings = get_settings()
+    settings = load_settings()
 
     async def go() -> list[Any]:
         return await ops.list_sagas(await connect(settings), query, limit=limit)
@@ -475,7 +483,7 @@ def confirm_ams(
         AmsConfirmation, operator=operator, ams_reference=reference, note=note
     )
     workflow_id = ops.resolve_workflow_id(saga)
-    settings = get_settings()
+    settings = load_settings()
 
     async def go() -> Any:
         return await ops.confirm_ams(await connect(settings), workflow_id, confirmation)
@@ -507,7 +515,7 @@ def resolve(
     """
     resolution: Resolution = build(Resolution, action=action.value, operator=operator, note=note)
     workflow_id = ops.resolve_workflow_id(saga)
-    settings = get_settings()
+    settings = load_settings()
 
     async def go() -> Any:
         return await ops.resolve(await connect(settings), workflow_id, resolution)
@@ -533,7 +541,7 @@ def access(
     from refundsaga.ams import AmsError, HttpAmsClient
     from refundsaga.store import OasisStore
 
-    settings = get_settings()
+    settings = load_settings()
     store = _open_store(settings, OasisStore)
     try:
         subject = store.access_subject(user, product)
@@ -613,7 +621,7 @@ def seed(
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
         fail(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
-    settings = get_settings()
+    settings = load_settings()
     store = _open_store(settings, OasisStore)
     try:
         purchases = seed_data(
@@ -687,7 +695,7 @@ def stack_up(as_json: JsonOpt = False) -> None:
     """Start Temporal (with its UI), the sandboxes, the store and a worker; wait until ready."""
     from refundsaga import stack
 
-    settings = get_settings()
+    settings = load_settings()
     components = _stack_call(stack.up, settings, on_progress=_progress)
     _print_components(components, as_json)
     if not as_json:
@@ -699,7 +707,7 @@ def stack_down(as_json: JsonOpt = False) -> None:
     """Stop every component of the embedded stack and free its ports."""
     from refundsaga import stack
 
-    components = _stack_call(stack.down, get_settings(), on_progress=_progress)
+    components = _stack_call(stack.down, load_settings(), on_progress=_progress)
     _print_components(components, as_json)
 
 
@@ -708,7 +716,7 @@ def stack_status(as_json: JsonOpt = False) -> None:
     """Show each component: running or not, pid, URL."""
     from refundsaga import stack
 
-    _print_components(_stack_call(stack.status, get_settings()), as_json)
+    _print_components(_stack_call(stack.status, load_settings()), as_json)
 
 
 @db_app.command("upgrade")
@@ -716,7 +724,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Migrate the store up to a revision (default: head)."""
     from refundsaga.store.migrate import upgrade, wait_for_database
 
-    url = get_settings().resolved_database_url
+    url = load_settings().resolved_database_url
     try:
         wait_for_database(url)
         upgrade(url, revision)
@@ -731,7 +739,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="e.g. -1 or base")
     from refundsaga.store.migrate import downgrade
 
     try:
-        downgrade(get_settings().resolved_database_url, revision)
+        downgrade(load_settings().resolved_database_url, revision)
     except Exception as e:
         fail(f"downgrade failed ({type(e).__name__}): {e}", ExitCode.ERROR)
     out.print(f"store at {revision}")
@@ -743,7 +751,7 @@ def db_current(as_json: JsonOpt = False) -> None:
     from refundsaga.store.migrate import current
 
     try:
-        revision = current(get_settings().resolved_database_url)
+        revision = current(load_settings().resolved_database_url)
     except Exception as e:
         fail(f"cannot read the revision ({type(e).__name__}): {e}", ExitCode.ERROR)
     if as_json:

@@ -6,8 +6,9 @@ from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Sandbox keys: the embedded stack's processor and AMS sandboxes accept these. They are
@@ -71,6 +72,23 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _no_sandbox_keys_outside_the_laptop(self) -> Settings:
+        # The sandbox keys are for the local sandboxes only: a real processor or AMS needs its
+        # own key, and a forgotten setting must fail at start, not at the first refund.
+        for name, url, key, default in (
+            ("PROCESSOR", self.processor_url, self.processor_api_key, SANDBOX_PROCESSOR_KEY),
+            ("AMS", self.ams_url, self.ams_api_key, SANDBOX_AMS_KEY),
+        ):
+            host = urlsplit(url).hostname or ""
+            local = host in ("localhost", "::1") or host.startswith("127.")
+            if not local and key.get_secret_value() == default:
+                raise ValueError(
+                    f"REFUND_{name}_API_KEY must be set for {url}: the built-in key is only "
+                    "for the local sandbox"
+                )
+        return self
 
     @cached_property
     def resolved_database_url(self) -> str:
