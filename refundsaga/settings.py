@@ -61,7 +61,27 @@ class Settings(BaseSettings):
     processor_port: int = 8301
     ams_port: int = 8302
 
+    # Notifications: the log always; a webhook (JSON POST, HMAC-signed) when a URL is set.
+    notify_webhook_url: str | None = None
+    notify_webhook_secret: SecretStr | None = None
+
+    # Attributable approvals: approver -> Ed25519 public key (base64 of the 32 raw bytes).
+    # When set, every decision must be signed; the CLI signs with `signing_key_file`.
+    approver_public_keys: dict[str, str] = Field(default_factory=dict)
+    signing_key_file: Path | None = None
+
+    # Payload encryption (optional): "key-id:base64-32-byte-key,..."; the first key encrypts,
+    # all decrypt (so keys can rotate).
+    payload_keys: SecretStr | None = None
+    codec_server_port: int = 8309
+
+    # Batch refunds and restore of a mistaken revoke
+    batch_window: int = Field(default=20, ge=1)
+    batch_rate_per_s: float = Field(default=5.0, gt=0)
+    restore_retention: timedelta = timedelta(days=30)
+
     # Worker
+    metrics_address: str | None = Field(default=None, description="host:port for Prometheus")
     max_concurrent_activities: int = 50
     max_concurrent_workflow_tasks: int = 50
     log_format: Literal["auto", "json", "text"] = "auto"
