@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 REFUND := $(VENV)/bin/refund
 PYTHON ?= python3
 N ?= 30
+SEED ?= 1
 
-.PHONY: install up down status demo test lint format bench clean histories
+.PHONY: install up down status demo test lint format bench clean histories chaos batch-1000
 
 install: $(VENV)/.installed
 
@@ -35,6 +36,14 @@ test: install
 histories: install
 	rm -f tests/histories/*.json
 	REFUND_RECORD_HISTORIES=1 $(VENV)/bin/pytest -q tests/test_saga.py
+
+# N sagas with faults, worker kills and a Temporal restart; checks the invariants.
+chaos: install
+	$(PY) -m reliability.chaos --n $(N) --seed $(SEED)
+
+# The 1,000-purchase batch on the dev server (about 7 minutes on 2 cores).
+batch-1000: install
+	REFUND_BATCH_1000=1 $(VENV)/bin/pytest -q -s tests/test_batch.py -k thousand
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from refundsaga import operations as ops
@@ -28,7 +31,16 @@ from refundsaga.settings import get_settings
 from refundsaga.temporal import TemporalUnavailable, connect, run_and_exit
 
 MAX_ROWS = 50_000
+_DIGITS = re.compile(r"[0-9]+")
 err = Console(stderr=True)
+
+
+def _utf8_lines(handle: TextIO, path: Path) -> Iterator[str]:
+    """The file's lines; a file that is not UTF-8 is refused in one line, not a traceback."""
+    try:
+        yield from handle
+    except UnicodeDecodeError as e:
+        raise ops.Refused(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def parse_rows(path: Path, requested_by: str) -> tuple[list[RefundRequest], list[dict[str, Any]]]:
@@ -36,8 +48,9 @@ def parse_rows(path: Path, requested_by: str) -> tuple[list[RefundRequest], list
     requests: list[RefundRequest] = []
     refused: list[dict[str, Any]] = []
     seen: set[int] = set()
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
+    # utf-8-sig: spreadsheets save CSV with a byte-order mark before the first header.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(_utf8_lines(handle, path))
         missing = {"purchase_id", "amount", "reason"} - set(reader.fieldnames or [])
         if missing:
             raise ops.Refused(
@@ -50,10 +63,14 @@ def parse_rows(path: Path, requested_by: str) -> tuple[list[RefundRequest], list
             raw_id = (row.get("purchase_id") or "").strip()
             raw_amount = (row.get("amount") or "").strip()
             try:
-                if not raw_id.isdigit():
+                # ASCII digits only: str.isdigit() also takes '²' (int() then fails) and '١٢'.
+                if not _DIGITS.fullmatch(raw_id):
                     raise ValueError(f"purchase_id {raw_id!r} is not a positive whole number")
-                if raw_amount and not raw_amount.lstrip("-").isdigit():
+                if raw_amount and not _DIGITS.fullmatch(raw_amount.removeprefix("-")):
                     raise ValueError(f"amount {raw_amount!r} must be whole cents")
+                if None in row:
+                    # An unquoted comma in the reason would silently cut the reason short.
+                    raise ValueError("too many fields; quote a reason that contains commas")
                 request = RefundRequest(
                     purchase_id=int(raw_id),
                     amount_cents=int(raw_amount) if raw_amount else None,
@@ -146,10 +163,10 @@ def main(
                 start_all(requests, show_progress=not as_json and sys.stderr.isatty())
             )
     except ops.Refused as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
     except (ops.OperationError, TemporalUnavailable) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(1) from e
     summary = {
         "dry_run": dry_run,
@@ -166,9 +183,11 @@ def main(
         err.print(f"{verb} {count} saga(s); refused {len(refused)}; already running {len(running)}")
         for item in refused:
             where = f"row {item['row']}: " if item["row"] else ""
-            err.print(f"  refused {where}purchase {item['purchase_id']}: {item['reason']}")
+            # Escaped: the reason quotes the row, and "[/x]" in a file is text, not markup.
+            line = f"  refused {where}purchase {item['purchase_id']}: {item['reason']}"
+            err.print(escape(line))
         for item in running:
-            err.print(f"  {item['reason']}")
+            err.print(escape(f"  {item['reason']}"))
         for workflow_id in started:
             sys.stdout.write(workflow_id + "\n")
     if refused or running:

@@ -16,17 +16,21 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.batch_activities import BatchActivities
 from activities.refund_activities import RefundActivities
 from refundsaga.ams import HttpAmsClient
 from refundsaga.approval import policy_from_settings
 from refundsaga.logs import configure_logging
-from refundsaga.notify import LogNotifier
+from refundsaga.metrics import MetricsConfigError, runtime_from_settings
+from refundsaga.notify import NotifyConfigError, notifier_from_settings, validate_notify_settings
 from refundsaga.processor import ProcessorClient
 from refundsaga.settings import Settings, get_settings
 from refundsaga.store import OasisStore
 from refundsaga.store.migrate import upgrade, wait_for_database
 from refundsaga.temporal import connect, run_and_exit
+from workflows.batch_refund import BatchRefund
 from workflows.refund_saga import RefundSaga
+from workflows.restore_progress import PurgeExpiredSnapshots, RestoreProgress
 
 log = logging.getLogger("refundsaga.worker")
 
@@ -36,6 +40,7 @@ GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 @asynccontextmanager
 async def saga_activities(settings: Settings) -> AsyncIterator[RefundActivities]:
     """The activities with their clients, opened for the worker's lifetime."""
+    notifier = notifier_from_settings(settings)  # first: it is the one that can refuse settings
     store = OasisStore.from_url(
         settings.resolved_database_url, pool_size=settings.database_pool_size
     )
@@ -48,10 +53,11 @@ async def saga_activities(settings: Settings) -> AsyncIterator[RefundActivities]
             store=store,
             processor=processor,
             ams=ams,
-            notifier=LogNotifier(),
+            notifier=notifier,
             policy=policy_from_settings(settings),
         )
     finally:
+        await notifier.aclose()
         await processor.aclose()
         await ams.aclose()
         store.close()
@@ -62,8 +68,8 @@ def build_worker(client: Client, settings: Settings, activities: RefundActivitie
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[RefundSaga],
-        activities=activities.all(),
+        workflows=[RefundSaga, BatchRefund, RestoreProgress, PurgeExpiredSnapshots],
+        activities=[*activities.all(), *BatchActivities.alongside(activities, settings).all()],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
@@ -72,11 +78,14 @@ def build_worker(client: Client, settings: Settings, activities: RefundActivitie
 
 async def run_worker(settings: Settings, *, migrate: bool = True) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    # Configuration mistakes fail here, before waiting for the database or Temporal.
+    validate_notify_settings(settings)
+    runtime = runtime_from_settings(settings)
     if migrate:
         url = settings.resolved_database_url
         await asyncio.to_thread(wait_for_database, url)
         await asyncio.to_thread(upgrade, url)
-    client = await connect(settings)
+    client = await connect(settings, runtime=runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -86,7 +95,11 @@ async def run_worker(settings: Settings, *, migrate: bool = True) -> None:
         async with worker:
             log.info(
                 "worker started",
-                extra={"task_queue": settings.task_queue, "namespace": settings.temporal_namespace},
+                extra={
+                    "task_queue": settings.task_queue,
+                    "namespace": settings.temporal_namespace,
+                    "metrics": settings.metrics_address,
+                },
             )
             await stop.wait()
             log.info("worker stopping: finishing in-flight activities")
@@ -96,7 +109,11 @@ async def run_worker(settings: Settings, *, migrate: bool = True) -> None:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_format)
-    asyncio.run(run_worker(settings))
+    try:
+        asyncio.run(run_worker(settings))
+    except (NotifyConfigError, MetricsConfigError) as err:
+        # One line naming the variable to fix, not a traceback.
+        raise SystemExit(f"refund worker: {err}") from None
 
 
 if __name__ == "__main__":

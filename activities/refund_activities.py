@@ -294,7 +294,9 @@ class RefundActivities:
             (
                 "approved" if a.approve else "rejected",
                 a.approver,
-                {"at": a.at.isoformat(), "comment": a.comment},
+                # The signature makes the decision attributable to the approver's key later.
+                {"at": a.at.isoformat(), "comment": a.comment}
+                | ({"signature": a.signature} if a.signature else {}),
             )
             for a in inp.approvals
         ] + [

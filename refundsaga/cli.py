@@ -7,31 +7,55 @@ else (Temporal unreachable, a timeout). Every verb has `--json` for scripts.
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from refundsaga import operations as ops
 from refundsaga.contracts import (
+    MAX_BATCH_PURCHASES,
     AmsConfirmation,
     ApprovalDecision,
+    BatchPlan,
+    BatchRefundInput,
+    BatchState,
+    BatchStatus,
+    BatchSummary,
     RefundRequest,
     Resolution,
+    RestoreRequest,
+    RestoreState,
+    RestoreStatus,
     SagaState,
     SagaStatus,
     describe_plan,
     format_money,
 )
 from refundsaga.settings import Settings, get_settings
+from refundsaga.signing import (
+    SigningError,
+    generate_private_key,
+    load_private_key,
+    public_key_b64,
+    sign_decision,
+    write_private_key,
+)
 from refundsaga.temporal import TemporalUnavailable, connect, run_and_exit
 
 T = TypeVar("T")
@@ -51,6 +75,16 @@ stack_app = typer.Typer(help="The embedded stack: Temporal dev server + UI, sand
 db_app = typer.Typer(help="The OASIS store's schema migrations.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
+batch_app = typer.Typer(
+    help="Refund every buyer of a cancelled event or course with one approval; `status` "
+    'follows a batch.\n\nExample: refund batch --product 3 --reason "event cancelled" '
+    "--requested-by sam --dry-run"
+)
+app.add_typer(batch_app, name="batch")
+schedules_app = typer.Typer(help="Temporal schedules RefundSaga relies on.")
+app.add_typer(schedules_app, name="schedules")
+keys_app = typer.Typer(help="Signing keys for attributable approvals.")
+app.add_typer(keys_app, name="keys")
 
 out = Console()
 err = Console(stderr=True)
@@ -65,8 +99,13 @@ class ExitCode:
     REFUSED = 2
 
 
+def print_error(message: str) -> None:
+    # Messages quote user input (a saga ref, a value): escaped, "[/x]" is text, not markup.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = ExitCode.REFUSED) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 
@@ -244,23 +283,48 @@ def start(
 # --- approvers --------------------------------------------------------------------------------
 
 
+def _signing_key(settings: Settings) -> Ed25519PrivateKey | None:
+    """The approver's signing key when REFUND_SIGNING_KEY_FILE is set."""
+    if settings.signing_key_file is None:
+        return None
+    try:
+        return load_private_key(settings.signing_key_file)
+    except SigningError as e:
+        fail(f"REFUND_SIGNING_KEY_FILE: {e}")
+
+
 def _decide(ref: str, approver: str, comment: str, approve: bool, as_json: bool) -> None:
     decision: ApprovalDecision = build(
         ApprovalDecision, approver=approver, approve=approve, comment=comment
     )
     workflow_id = ops.resolve_workflow_id(ref)
     settings = load_settings()
+    key = _signing_key(settings)
 
     async def go() -> Any:
-        return await ops.decide(await connect(settings), workflow_id, decision)
+        client = await connect(settings)
+        signed = decision
+        if key is not None:
+            # The signature binds the decision to this saga's run, so it cannot be replayed
+            # onto a later saga for the same purchase (same workflow id).
+            run_id = (await ops.describe(client, workflow_id)).run_id
+            signature = sign_decision(key, workflow_id, decision, run_id=run_id)
+            signed = decision.model_copy(update={"signature": signature})
+        return await ops.decide(client, workflow_id, signed)
 
     receipt = run(go())
     if as_json:
         emit_json({"workflow_id": workflow_id, **receipt.model_dump(mode="json")})
         return
+    required = receipt.required_approvals or 0
+    if not approve:
+        after = "the saga ends REJECTED; nothing changes"
+    elif receipt.approvals >= required:
+        after = "all approvals are in: the refund proceeds"
+    else:
+        after = f"waiting for {required - receipt.approvals} more approval(s)"
     out.print(
-        f"{workflow_id}: {receipt.message}; state {receipt.state.value}, approvals "
-        f"{receipt.approvals}/{receipt.required_approvals}"
+        f"{workflow_id}: {receipt.message} ({receipt.approvals}/{required} approvals); {after}"
     )
 
 
@@ -455,8 +519,13 @@ def list_(
 
 def _parse_since(value: str) -> datetime:
     units = {"m": "minutes", "h": "hours", "d": "days"}
-    if value[:-1].isdigit() and value[-1] in units:
-        return datetime.now(UTC) - timedelta(**{units[value[-1]]: int(value[:-1])})
+    # ASCII digits only ('²'.isdigit() is true), and a span before year 1 is refused, not
+    # an OverflowError.
+    if value[:-1].isascii() and value[:-1].isdigit() and value[-1] in units:
+        try:
+            return datetime.now(UTC) - timedelta(**{units[value[-1]]: int(value[:-1])})
+        except OverflowError:
+            fail(f"--since {value!r} reaches back too far")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -652,6 +721,459 @@ def seed(
     out.print(table)
 
 
+# --- batches: every buyer of a cancelled event or course --------------------------------------
+
+
+def _read_batch_csv(path: Path) -> list[int]:
+    """Purchase ids from a CSV file with a `purchase_id` column; any bad row refuses the file."""
+    if not path.is_file():
+        fail(f"{path}: no such file")
+    ids: list[int] = []
+    problems: list[str] = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if "purchase_id" not in (reader.fieldnames or []):
+            fail(f"{path}: no purchase_id column")
+        for number, row in enumerate(reader, start=2):
+            raw = (row.get("purchase_id") or "").strip()
+            if not raw.isdigit() or int(raw) == 0:
+                problems.append(f"row {number}: purchase_id {raw!r} is not a positive number")
+            elif int(raw) in ids:
+                problems.append(f"row {number}: purchase {raw} appears twice")
+            else:
+                ids.append(int(raw))
+            if len(ids) > MAX_BATCH_PURCHASES:
+                fail(f"{path}: more than {MAX_BATCH_PURCHASES} purchases; split the file")
+    if problems:
+        # A batch is approved as a whole: it starts from a file that is right as a whole.
+        fail(f"{path}: " + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
+    if not ids:
+        fail(f"{path}: no purchases")
+    return ids
+
+
+def _render_batch_plan(plan: BatchPlan) -> None:
+    table = Table(
+        "purchase", "user", "refund", "already refunded", "progress", "entitlement", "skipped: why"
+    )
+    for item in plan.items:
+        table.add_row(
+            str(item.purchase_id),
+            str(item.user_id or "-"),
+            money(item.amount_cents, item.currency) if item.included else "-",
+            "yes" if item.already_refunded else "",
+            str(item.progress_records) if item.included else "-",
+            item.ams_action if item.included else "-",
+            item.skip_reason or "",
+        )
+    out.print(table)
+    out.print(Panel(_batch_summary_text(plan.summary), title="batch (dry run)", expand=False))
+
+
+def _batch_summary_text(summary: BatchSummary) -> str:
+    totals = ", ".join(
+        money(cents, currency) for currency, cents in summary.totals_by_currency.items()
+    )
+    lines = [
+        f"purchases {summary.purchases}: {summary.included} to refund, {summary.skipped} skipped",
+        f"money to move {totals or '0'} ({summary.already_refunded} already refunded at the "
+        "processor: no money moves for those)",
+        f"progress records to delete {summary.progress_records}",
+        "entitlements: "
+        + (", ".join(f"{n} {action}" for action, n in summary.ams_actions.items()) or "none"),
+        f"approvals needed {summary.required_approvals} (on the total)",
+        f"pace: at most {summary.window} sagas at once, {summary.rate_per_s:g} started per second",
+    ]
+    lines += [f"skipped {n}: {why}" for why, n in summary.skip_reasons.items()]
+    return "\n".join(lines)
+
+
+def _batch_bar(status: BatchStatus) -> Table:
+    total = status.summary.included if status.summary else 0
+    c = status.counts
+    finished = c.done + c.failed + c.skipped
+    grid = Table.grid(padding=(0, 1))
+    pct = 100 * finished / total if total else 100.0
+    grid.add_row(ProgressBar(total=max(total, 1), completed=finished if total else 1, width=40))
+    grid.add_row(f"{pct:.0f}%  {finished}/{total} finished")
+    return grid
+
+
+def render_batch(status: BatchStatus, ui_url: str) -> None:
+    """A batch for a person: plan, approvals, progress bar and counts, what needs people."""
+    c = status.counts
+    lines = [
+        f"[bold]{status.workflow_id}[/bold]  state [bold]{status.state.value}[/bold]"
+        f"  requested by {status.requested_by}  runs {status.runs}",
+    ]
+    if status.waiting_for:
+        lines.append(
+            f"[yellow]waiting for {status.waiting_for.value}[/yellow] since "
+            f"{_when(status.waiting_since)} UTC: refund approve {status.workflow_id} --as <name>"
+        )
+    if status.required_approvals is not None:
+        approved = [a.approver for a in status.approvals if a.approve]
+        lines.append(
+            f"approvals {len(approved)}/{status.required_approvals}"
+            + (f" ({', '.join(approved)})" if approved else "")
+        )
+    lines.append(
+        f"done {c.done}  running {c.running}  waiting {c.waiting}  needing attention "
+        f"{c.needs_attention}  failed {c.failed}  to start {c.pending}  skipped {c.skipped}"
+    )
+    currencies = list(status.summary.totals_by_currency) if status.summary else []
+    currency = currencies[0] if len(currencies) == 1 else None
+    lines.append(f"money refunded {money(c.refunded_cents, currency)}")
+    if status.attention:
+        lines.append(
+            "[red]needs attention:[/red] "
+            + ", ".join(f"refund-{pid}" for pid in status.attention)
+            + " (refund resolve <saga> retry|skip|abort)"
+        )
+    if status.error:
+        lines.append(f"[red]{escape(status.error)}[/red]")
+    out.print(Panel("\n".join(lines), title="batch refund", expand=False))
+    if status.summary:
+        out.print(Panel(_batch_summary_text(status.summary), title="plan", expand=False))
+    out.print(_batch_bar(status))
+    if status.issues:
+        table = Table("purchase", "outcome", "why", title="not simply done")
+        for issue in status.issues[-20:]:
+            table.add_row(str(issue.purchase_id), issue.outcome, escape(issue.reason or ""))
+        out.print(table)
+    out.print(f"Temporal UI: {ui_url}/namespaces/default/workflows/{status.workflow_id}")
+
+
+@batch_app.callback(invoke_without_command=True)
+def batch(
+    ctx: typer.Context,
+    product: Annotated[
+        int | None, typer.Option(help="Refund every purchase of this product.")
+    ] = None,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="Or the purchases in this file (purchase_id).")
+    ] = None,
+    reason: Annotated[
+        str | None, typer.Option(help="Why (kept in history: no names or emails).")
+    ] = None,
+    requested_by: Annotated[
+        str | None, typer.Option("--requested-by", "--as", help="Your user name (e.g. sam).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would happen; change nothing.")
+    ] = False,
+    window: Annotated[
+        int | None, typer.Option(min=1, max=1000, help="Sagas running at once (default: setting).")
+    ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(min=0.01, max=1000, help="Sagas started per second (default: setting)."),
+    ] = None,
+    starts_per_run: Annotated[
+        int, typer.Option(min=1, max=5000, hidden=True, help="Continue as new after this many.")
+    ] = 250,
+    as_json: JsonOpt = False,
+) -> None:
+    """Refund every buyer of a cancelled event or course with one approval.
+
+    Example: refund batch --product 3 --reason "event cancelled" --requested-by sam --dry-run
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if (product is None) == (csv_file is None):
+        fail("give either --product P or --csv FILE")
+    if not reason or not requested_by:
+        fail("--reason and --requested-by are required")
+    purchase_ids = _read_batch_csv(csv_file) if csv_file is not None else None
+    inp: BatchRefundInput = build(
+        BatchRefundInput,
+        product_id=product,
+        purchase_ids=purchase_ids,
+        reason=reason,
+        requested_by=requested_by,
+        window=window,
+        rate_per_s=rate,
+        starts_per_run=starts_per_run,
+    )
+    settings = load_settings()
+    if dry_run:
+        from refundsaga.store import OasisStore
+
+        store = _open_store(settings, OasisStore)
+
+        async def plan() -> BatchPlan:
+            try:
+                client = await connect(settings)
+            except TemporalUnavailable:
+                err.print("[dim]Temporal unreachable: sagas running now are not shown[/dim]")
+                client = None
+            return await ops.dry_run_batch(
+                client,
+                settings,
+                store,
+                product_id=product,
+                purchase_ids=purchase_ids,
+                window=window,
+                rate_per_s=rate,
+            )
+
+        try:
+            result = run(plan())
+        finally:
+            store.close()
+        if as_json:
+            emit_json(result)
+        else:
+            _render_batch_plan(result)
+        return
+
+    async def go() -> BatchStatus:
+        client = await connect(settings)
+        handle = await ops.start_batch(client, settings, inp)
+        deadline = time.monotonic() + 600
+        while True:
+            status = await ops.batch_status(client, handle.id)
+            if status.state != BatchState.PLANNING or time.monotonic() > deadline:
+                return status
+            await asyncio.sleep(0.5)
+
+    status = run(go())
+    if status.state == BatchState.FAILED:
+        fail(f"{status.workflow_id}: {status.error}", ExitCode.ERROR)
+    if as_json:
+        emit_json(status)
+        return
+    out.print(f"started [bold]{status.workflow_id}[/bold]: {status.state.value}")
+    if status.summary:
+        out.print(Panel(_batch_summary_text(status.summary), title="plan", expand=False))
+    if status.state == BatchState.AWAITING_APPROVAL:
+        out.print(f"next: an approver runs `refund approve {status.workflow_id} --as <name>`")
+    out.print(f"watch: refund batch status {status.workflow_id} --wait")
+
+
+@batch_app.command("status")
+def batch_status_(
+    batch_id: Annotated[
+        str | None, typer.Argument(help="The batch (batch-product-3); omit to list batches.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow it until it ends.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 3600.0,
+    limit: Annotated[int, typer.Option(help="Batches to list.")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a batch's progress with a progress bar, or list the batches.
+
+    Example: refund batch status batch-product-3 --wait
+    """
+    settings = load_settings()
+    if batch_id is None:
+
+        async def listed() -> list[Any]:
+            return await ops.list_batches(await connect(settings), limit=limit)
+
+        rows = [
+            {
+                "workflow_id": e.id,
+                "state": e.typed_search_attributes.get(ops.sa.REFUND_STATE),
+                "requested_by": e.typed_search_attributes.get(ops.sa.REQUESTED_BY),
+                "amount_cents": e.typed_search_attributes.get(ops.sa.REFUND_AMOUNT_CENTS),
+                "started": e.start_time.isoformat(),
+            }
+            for e in run(listed())
+        ]
+        if as_json:
+            emit_json(rows)
+            return
+        table = Table("batch", "state", "amount", "by", "started (UTC)")
+        for r in rows:
+            table.add_row(
+                r["workflow_id"],
+                str(r["state"]),
+                money(r["amount_cents"], None),
+                str(r["requested_by"]),
+                r["started"][:19].replace("T", " "),
+            )
+        out.print(table if rows else "no batches")
+        return
+
+    async def go() -> BatchStatus:
+        client = await connect(settings)
+        if not wait:
+            return await ops.batch_status(client, batch_id)
+        console = err if as_json else out
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[counts]}"),
+            console=console,
+            disable=not console.is_terminal,
+        ) as progress:
+            task = progress.add_task(batch_id, total=None, counts="")
+
+            def show(status: BatchStatus) -> None:
+                c = status.counts
+                progress.update(
+                    task,
+                    total=status.summary.included if status.summary else None,
+                    completed=c.done + c.failed + c.skipped,
+                    description=f"{batch_id} {status.state.value}",
+                    counts=f"running {c.running} waiting {c.waiting} "
+                    f"attention {c.needs_attention} failed {c.failed}",
+                )
+
+            return await ops.wait_batch(client, batch_id, timeout_s=timeout, on_poll=show)
+
+    result = run(go())
+    if as_json:
+        emit_json(result)
+    else:
+        render_batch(result, settings.temporal_ui_url)
+
+
+# --- restore of a mistaken revoke ---------------------------------------------------------------
+
+
+def _restore_id(ref: str) -> tuple[str, str]:
+    """(saga workflow id, restore workflow id) from either, or from a purchase id."""
+    ref = ref.strip()
+    if ref.startswith("restore-"):
+        saga = ref.removeprefix("restore-")
+    else:
+        saga = ops.resolve_workflow_id(ref)
+    return saga, ops.restore_id_for(saga)
+
+
+def render_restore(status: RestoreStatus) -> None:
+    lines = [
+        f"[bold]{status.workflow_id}[/bold]  state [bold]{status.state.value}[/bold]",
+        f"saga {status.saga_workflow_id}  operator {status.operator}",
+    ]
+    check = status.check
+    if check and check.archived_at:
+        lines.append(
+            f"snapshot: {check.rows} progress record(s) of user {check.user_id} in product "
+            f"{check.product_id}, archived {_when(check.archived_at)} UTC, restorable until "
+            f"{_when(status.expires_at)} UTC"
+        )
+    approved = [a.approver for a in status.approvals if a.approve]
+    lines.append(
+        f"approvals {len(approved)}/{status.required_approvals}"
+        + (f" ({', '.join(approved)})" if approved else "")
+    )
+    if status.restored is not None:
+        lines.append(f"restored {status.restored} progress record(s)")
+    if status.error:
+        lines.append(f"[red]{escape(status.error)}[/red]")
+    out.print(Panel("\n".join(lines), title="restore progress", expand=False))
+
+
+@app.command("restore-progress")
+def restore_progress(
+    saga: SagaRef,
+    operator: Annotated[str, typer.Option("--operator", "--as", help="Your user name.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in history: no names or emails).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Undo a mistaken revoke: restore a completed saga's archived progress, with approval.
+
+    Possible within the retention window (REFUND_RESTORE_RETENTION, default 30 days), and not
+    when the user has new progress a restore would overwrite. Another approver approves it.
+
+    Example: refund restore-progress refund-42 --operator olivia --reason "revoked by mistake"
+    """
+    saga_id, restore_id = _restore_id(saga)
+    request: RestoreRequest = build(
+        RestoreRequest, saga_workflow_id=saga_id, operator=operator, reason=reason
+    )
+    settings = load_settings()
+
+    async def go() -> RestoreStatus:
+        client = await connect(settings)
+        await ops.start_restore(client, settings, request)
+        return await ops.wait_restore(
+            client,
+            restore_id,
+            {s for s in RestoreState if s != RestoreState.CHECKING},
+            timeout_s=60,
+        )
+
+    status = run(go())
+    if status.state == RestoreState.REFUSED:
+        fail(f"{restore_id} refused: {status.error}")
+    if status.state in ops.RESTORE_ENDS and status.state != RestoreState.COMPLETED:
+        fail(f"{restore_id} ended {status.state.value}: {status.error}", ExitCode.ERROR)
+    if as_json:
+        emit_json(status)
+        return
+    render_restore(status)
+    if status.state == RestoreState.AWAITING_APPROVAL:
+        out.print(
+            f"next: an approver other than {operator} runs "
+            f"`refund approve {restore_id} --as <name>`"
+        )
+
+
+@app.command("restore-status")
+def restore_status(
+    ref: Annotated[str, typer.Argument(help="restore-refund-42, refund-42 or 42.")],
+    wait_for: Annotated[
+        str | None, typer.Option("--wait-for", help="Wait until this state (e.g. COMPLETED).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait-for.")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a restore: the snapshot, its window, who approved, what was restored.
+
+    Example: refund restore-status refund-42 --wait-for COMPLETED
+    """
+    _, restore_id = _restore_id(ref)
+    if wait_for is not None and wait_for not in RestoreState.__members__:
+        fail(f"--wait-for: one of {', '.join(RestoreState.__members__)}")
+    settings = load_settings()
+
+    async def go() -> RestoreStatus:
+        client = await connect(settings)
+        if wait_for is None:
+            return await ops.restore_status(client, restore_id)
+        status = await ops.wait_restore(
+            client, restore_id, {RestoreState(wait_for)}, timeout_s=timeout
+        )
+        if status.state != RestoreState(wait_for):
+            raise ops.Refused(
+                f"{restore_id} ended {status.state.value}"
+                + (f": {status.error}" if status.error else "")
+            )
+        return status
+
+    result = run(go())
+    if as_json:
+        emit_json(result)
+    else:
+        render_restore(result)
+
+
+@schedules_app.command("ensure")
+def schedules_ensure(as_json: JsonOpt = False) -> None:
+    """Create or update the daily purge of progress snapshots past the restore retention.
+
+    Example: refund schedules ensure
+    """
+    settings = load_settings()
+
+    async def go() -> str:
+        return await ops.ensure_purge_schedule(await connect(settings), settings)
+
+    outcome = run(go())
+    if as_json:
+        emit_json({"schedule_id": ops.PURGE_SCHEDULE_ID, "outcome": outcome})
+    else:
+        out.print(
+            f"schedule {ops.PURGE_SCHEDULE_ID} {outcome}: purges snapshots older than "
+            f"{settings.restore_retention} every day"
+        )
+
+
 # --- operations: worker, stack, db -----------------------------------------------------------
 
 
@@ -760,9 +1282,65 @@ def db_current(as_json: JsonOpt = False) -> None:
         out.print(revision or "empty (no migrations applied)")
 
 
+@keys_app.command("generate")
+def keys_generate(
+    out_file: Annotated[
+        Path, typer.Option("--out", help="Where to write the private key (PEM, mode 600).")
+    ],
+    name: Annotated[
+        str | None, typer.Option("--as", help="Your approver name, for the settings line.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an approver's signing key; print the public key for REFUND_APPROVER_PUBLIC_KEYS.
+
+    Example: refund keys generate --out ~/.refund/bob.pem --as bob
+    """
+    key = generate_private_key()
+    try:
+        write_private_key(key, out_file)
+    except SigningError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write {out_file}: {e.strerror}")
+    public = public_key_b64(key)
+    if as_json:
+        emit_json({"private_key_file": str(out_file), "public_key": public, "approver": name})
+        return
+    entry = json.dumps({name or "<approver>": public})
+    # Unwrapped and without markup: these lines are copied into settings as they are.
+    for line in (
+        f"private key written to {out_file}: keep it; set REFUND_SIGNING_KEY_FILE to it",
+        f"public key: {public}",
+        f"add to the workers' settings: REFUND_APPROVER_PUBLIC_KEYS='{entry}'",
+    ):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _run_app() -> int:
+    """Run the app; a usage error (bad value, unknown choice or option) is one line, exit 2."""
+    try:
+        result = app(standalone_mode=False)
+    except typer.TyperException as e:
+        # Typer's parser errors (its vendored click's UsageError and kin) all derive from this.
+        if type(e).__name__ == "NoArgsIsHelpError":
+            err.print(e.format_message(), markup=False, highlight=False)  # the help text
+            return ExitCode.REFUSED
+        message = " ".join(str(getattr(e, "format_message", e.__str__)()).split())
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx is not None else "refund"
+        print_error(f"{message} (see `{command} --help`)")
+        code = getattr(e, "exit_code", ExitCode.REFUSED)
+        return code if isinstance(code, int) else ExitCode.REFUSED
+    except typer.Abort:
+        print_error("aborted")
+        return ExitCode.ERROR
+    return result if isinstance(result, int) else ExitCode.OK
+
+
 def main() -> None:
     """The `refund` console script."""
-    run_and_exit(app)
+    run_and_exit(_run_app)
 
 
 if __name__ == "__main__":

@@ -8,22 +8,45 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from refundsaga.models import AccessDecision, EntitlementSource, LedgerEntry
 
 # User names of support staff, approvers and operators: short identifiers, not personal names.
 ACTOR_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _EMAIL = re.compile(r"[^\s@]+@[^\s@]+\.[^\s@]+")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# C0 and C1 controls (ESC and CSI start terminal escapes, NUL truncates) and the Unicode
+# bidirectional overrides that make text read differently from what it is.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# Free text is copied into history, the Temporal UI, notifications and the audit trail, where
+# other tools render or paste it. The store binds parameters; this is defense in depth against
+# markup and SQL statements that no refund reason needs. Narrow on purpose: statement shapes,
+# not words, so "refunded; update the notes" still passes.
+_MARKUP = re.compile(r"<(?:/?[a-z]|[!?])", re.IGNORECASE)
+_SQL = re.compile(
+    r";\s*(?:drop|truncate|alter|create)\s+(?:table|database|schema|index|view|user)\b"
+    r"|;\s*(?:delete\s+from|insert\s+into|update\s+\w+\s+set|grant|exec(?:ute)?)\b"
+    r"|\bunion\s+(?:all\s+)?select\b"
+    r"|'\s*or\s+'?\d+'?\s*=\s*'?\d+",
+    re.IGNORECASE,
+)
 CURRENCY_PATTERN = r"^[a-z]{3}$"
+# The store's ids and cents are SQL INTEGER (32-bit on PostgreSQL): a larger purchase id would
+# fail the prepare step with an overflow, retried, instead of being refused at once.
+MAX_STORE_INT = 2**31 - 1
+# Base64 of a 64-byte Ed25519 signature is 88 characters; the bound keeps junk out of history.
+SIGNATURE_PATTERN = r"^[A-Za-z0-9+/]{1,200}={0,2}$"
 
 
 def clean_free_text(value: str, *, field: str) -> str:
-    """Refuse free text that would carry control characters or an email into history."""
+    """Refuse free text carrying control characters, markup, SQL or an email into history."""
     value = value.strip()
     if _CONTROL.search(value):
         raise ValueError(f"{field} must not contain control characters")
+    if _MARKUP.search(value):
+        raise ValueError(f"{field} must not contain markup (<...>)")
+    if _SQL.search(value):
+        raise ValueError(f"{field} must not contain SQL statements")
     if _EMAIL.search(value):
         raise ValueError(
             f"{field} must not contain an email address: personal data stays out of the saga"
@@ -81,13 +104,17 @@ class WaitingFor(StrEnum):
 class RefundRequest(Message):
     """What support asks for: refund a purchase, fully (amount omitted) or partially."""
 
-    purchase_id: int = Field(gt=0)
-    amount_cents: int | None = Field(default=None, gt=0, description="None: the unrefunded rest")
+    purchase_id: int = Field(gt=0, le=MAX_STORE_INT)
+    amount_cents: int | None = Field(
+        default=None, gt=0, le=MAX_STORE_INT, description="None: the unrefunded rest"
+    )
     currency: str | None = Field(default=None, pattern=CURRENCY_PATTERN)
     reason: str = Field(min_length=1, max_length=500)
     requested_by: str = Field(pattern=ACTOR_PATTERN)
     revoke_progress: bool | None = Field(default=None, description="None: yes for a full refund")
     remove_entitlement: bool | None = Field(default=None, description="None: yes for a full refund")
+    # Set only by a BatchRefund for its children: the saga accepts it only from that parent.
+    batch_approval: BatchApproval | None = None
 
     @field_validator("reason")
     @classmethod
@@ -108,6 +135,9 @@ class ApprovalPolicy(Message):
     reminder_every: timedelta
     ams_reminder_every: timedelta
     ams_escalate_after: timedelta
+    # Approver -> base64 Ed25519 public key; empty: decisions need no signature. The default
+    # keeps plans recorded before signed approvals decodable.
+    approver_public_keys: dict[str, str] = Field(default_factory=dict)
 
 
 AmsAction = Literal["remove_via_api", "manual_task", "deactivate_purchase", "none"]
@@ -278,6 +308,12 @@ class ApprovalDecision(Message):
     approver: str = Field(pattern=ACTOR_PATTERN)
     approve: bool = True
     comment: str = Field(default="", max_length=500)
+    signature: str | None = Field(
+        default=None,
+        pattern=SIGNATURE_PATTERN,
+        description="Base64 Ed25519 signature (refundsaga.signing); required when the policy "
+        "has approver public keys",
+    )
 
     @field_validator("comment")
     @classmethod
@@ -319,6 +355,7 @@ class ApprovalRecord(Message):
     approve: bool
     at: datetime
     comment: str = ""
+    signature: str | None = None
 
 
 class ResolutionRecord(Message):
@@ -409,3 +446,366 @@ class CloseInput(Message):
     detail: dict[str, str | int | bool | None] = Field(default_factory=dict)
     approvals: list[ApprovalRecord] = Field(default_factory=list)
     resolutions: list[ResolutionRecord] = Field(default_factory=list)
+
+
+# --- batch refunds: a cancelled event or course, every buyer refunded -----------------------
+
+MAX_BATCH_PURCHASES = 50_000
+"""At most this many purchase ids in one batch given as a list (a CSV file)."""
+
+WORKFLOW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$"
+
+
+class BatchApproval(Message):
+    """The approvals of a whole batch, carried by each child saga the batch starts.
+
+    RefundSaga accepts it only when the saga was started as a child of the workflow it names,
+    so it cannot be forged by starting a saga from outside with this field set.
+    """
+
+    batch_workflow_id: str = Field(pattern=WORKFLOW_ID_PATTERN)
+    approvals: list[ApprovalRecord]
+    max_amount_cents: int = Field(ge=0, description="What the batch approved for this purchase")
+
+
+# A saga reports itself to an approved batch in one of these buckets, by this signal.
+BatchBucket = Literal["running", "waiting", "needs_attention", "done", "failed"]
+BATCH_REPORT_SIGNAL = "child_report"
+
+
+def batch_bucket(state: SagaState) -> BatchBucket:
+    """Where a child saga in `state` counts in its batch's progress."""
+    if state == SagaState.COMPLETED:
+        return "done"
+    if state.is_end:
+        return "failed"
+    if state == SagaState.NEEDS_ATTENTION:
+        return "needs_attention"
+    if state in (SagaState.AWAITING_APPROVAL, SagaState.AWAITING_AMS_CONFIRMATION):
+        return "waiting"
+    return "running"
+
+
+class BatchChildReport(Message):
+    """A child saga tells its batch that it moved from one bucket to another (a signal)."""
+
+    purchase_id: int
+    workflow_id: str
+    previous: BatchBucket
+    current: BatchBucket
+    state: SagaState
+    refunded_cents: int = 0
+    error: str | None = None
+
+
+class BatchState(StrEnum):
+    """Where a batch is. The last five are ends."""
+
+    PLANNING = "PLANNING"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    REJECTED = "REJECTED"
+    EXPIRED = "EXPIRED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+
+    @property
+    def is_end(self) -> bool:
+        return self in (
+            BatchState.COMPLETED,
+            BatchState.REJECTED,
+            BatchState.EXPIRED,
+            BatchState.CANCELLED,
+            BatchState.FAILED,
+        )
+
+
+class BatchItem(Message):
+    """What a batch will do for one purchase, or why it skips it."""
+
+    purchase_id: int
+    user_id: int | None = None
+    product_id: int | None = None
+    currency: str | None = None
+    purchase_amount_cents: int = 0
+    amount_cents: int = Field(default=0, description="Money to move; 0 when already refunded")
+    already_refunded: bool = Field(default=False, description="At the processor, outside OASIS")
+    progress_records: int = 0
+    ams_action: AmsAction = "none"
+    skip_reason: str | None = None
+
+    @property
+    def included(self) -> bool:
+        return self.skip_reason is None
+
+
+class BatchSummary(Message):
+    """A batch in totals: what approvers decide on."""
+
+    purchases: int
+    included: int
+    skipped: int
+    already_refunded: int
+    total_cents: int = Field(description="Money to move, all currencies added up")
+    totals_by_currency: dict[str, int] = Field(default_factory=dict)
+    progress_records: int
+    ams_actions: dict[str, int] = Field(default_factory=dict)
+    skip_reasons: dict[str, int] = Field(default_factory=dict)
+    required_approvals: int
+    policy: ApprovalPolicy
+    window: int = Field(ge=1)
+    rate_per_s: float = Field(gt=0)
+
+
+class BatchPlan(Message):
+    """The whole plan, per purchase: what `refund batch --dry-run` shows."""
+
+    summary: BatchSummary
+    items: list[BatchItem]
+
+
+class BatchCounts(Message):
+    """How far a batch is; every included purchase is in exactly one of the first seven."""
+
+    pending: int = 0
+    running: int = 0
+    waiting: int = 0
+    needs_attention: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = Field(default=0, description="Not started: a saga was already running")
+    refunded_cents: int = 0
+
+    @property
+    def open(self) -> int:
+        """Children started and not ended."""
+        return self.running + self.waiting + self.needs_attention
+
+
+class BatchIssue(Message):
+    """A purchase of the batch that did not simply complete."""
+
+    purchase_id: int
+    outcome: str
+    reason: str | None = None
+
+
+class BatchStatus(Message):
+    """The answer of the batch's `progress` query, and its result."""
+
+    workflow_id: str
+    plan_id: str = Field(description="Its plan's key in the store: workflow id / first run id")
+    state: BatchState
+    product_id: int | None = None
+    requested_by: str
+    reason: str
+    summary: BatchSummary | None = None
+    approvals: list[ApprovalRecord] = Field(default_factory=list)
+    required_approvals: int | None = None
+    waiting_for: WaitingFor | None = None
+    waiting_since: datetime | None = None
+    counts: BatchCounts = Field(default_factory=BatchCounts)
+    cursor: int = Field(default=0, description="The last purchase id started")
+    runs: int = 1
+    started_at: datetime
+    running_since: datetime | None = None
+    finished_at: datetime | None = None
+    attention: list[int] = Field(default_factory=list, description="Purchases needing ops")
+    issues: list[BatchIssue] = Field(default_factory=list, description="The latest, capped")
+    error: str | None = None
+    ignored: list[IgnoredMessage] = Field(default_factory=list)
+    timeline: list[TimelineEntry] = Field(default_factory=list)
+
+
+class BatchCarry(Message):
+    """What a batch hands to its next run when it continues as new."""
+
+    status: BatchStatus
+    recent_starts: list[datetime] = Field(
+        default_factory=list, description="The rate limit's window: the latest start times"
+    )
+
+
+class BatchRefundInput(Message):
+    """Refund every buyer of a product, or a list of purchases, with one approval."""
+
+    product_id: int | None = Field(default=None, gt=0)
+    purchase_ids: list[int] | None = Field(default=None, max_length=MAX_BATCH_PURCHASES)
+    reason: str = Field(min_length=1, max_length=500)
+    requested_by: str = Field(pattern=ACTOR_PATTERN)
+    window: int | None = Field(default=None, ge=1, le=1_000, description="None: the worker's")
+    rate_per_s: float | None = Field(default=None, gt=0, le=1_000)
+    starts_per_run: int = Field(default=250, ge=1, le=5_000)
+    carry: BatchCarry | None = None
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, value: str) -> str:
+        value = clean_free_text(value, field="reason")
+        if not value:
+            raise ValueError("reason must not be blank")
+        return value
+
+    @field_validator("purchase_ids")
+    @classmethod
+    def _ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if any(i <= 0 for i in value):
+            raise ValueError("purchase ids must be positive")
+        if len(set(value)) != len(value):
+            raise ValueError("a purchase appears twice")
+        if not value:
+            raise ValueError("no purchases given")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BatchRefundInput:
+        if self.carry is None and (self.product_id is None) == (self.purchase_ids is None):
+            raise ValueError("give either a product or a list of purchases")
+        return self
+
+
+class BatchPlanInput(Message):
+    batch_id: str
+    product_id: int | None = None
+    purchase_ids: list[int] | None = None
+    window: int | None = None
+    rate_per_s: float | None = None
+
+
+class BatchPageInput(Message):
+    batch_id: str
+    after_purchase_id: int = 0
+    limit: int = Field(ge=1)
+
+
+class BatchCloseInput(Message):
+    """Final bookkeeping of a batch: its decisions and end in the audit trail."""
+
+    batch_id: str
+    plan_id: str = Field(description="Tells this batch from an earlier one with the same id")
+    state: BatchState
+    approvals: list[ApprovalRecord] = Field(default_factory=list)
+    detail: dict[str, str | int | bool | None] = Field(default_factory=dict)
+
+
+# --- restore of a mistaken revoke -------------------------------------------------------------
+
+
+class RestoreState(StrEnum):
+    """Where a restore is. The last six are ends."""
+
+    CHECKING = "CHECKING"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
+    RESTORING = "RESTORING"
+    COMPLETED = "COMPLETED"
+    REFUSED = "REFUSED"
+    REJECTED = "REJECTED"
+    EXPIRED = "EXPIRED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+
+
+class RestoreRequest(Message):
+    """Put back the progress a completed saga archived and deleted."""
+
+    saga_workflow_id: str = Field(pattern=WORKFLOW_ID_PATTERN)
+    operator: str = Field(pattern=ACTOR_PATTERN)
+    reason: str = Field(min_length=1, max_length=500)
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, value: str) -> str:
+        value = clean_free_text(value, field="reason")
+        if not value:
+            raise ValueError("reason must not be blank")
+        return value
+
+
+class RestoreCheck(Message):
+    """What the store holds for a saga's progress snapshot, and the rules in force."""
+
+    saga_workflow_id: str
+    saga_state: str | None = Field(description="How the saga ended; None while it runs")
+    revoked: bool = Field(description="The saga archived and deleted progress")
+    purchase_id: int | None = None
+    user_id: int | None = None
+    product_id: int | None = None
+    rows: int = Field(description="Rows of the latest snapshot not restored yet")
+    archived_at: datetime | None = None
+    restored_at: datetime | None = None
+    restored_by: str | None = None
+    conflicts: int = Field(description="Archived items the user has progress in again")
+    retention: timedelta
+    policy: ApprovalPolicy
+
+
+class RestoreInput(Message):
+    restore_workflow_id: str
+    saga_workflow_id: str
+    operator: str
+    archived_at: datetime
+    not_before: datetime = Field(description="Snapshots archived before this have expired")
+    approvals: list[ApprovalRecord] = Field(default_factory=list)
+    reason: str
+
+
+class RestoreResult(Message):
+    restored: int
+    purchase_id: int
+    user_id: int
+    product_id: int
+
+
+class RestoreStatus(Message):
+    """The answer of the restore's `status` query, and its result."""
+
+    workflow_id: str
+    state: RestoreState
+    saga_workflow_id: str
+    operator: str
+    reason: str
+    check: RestoreCheck | None = None
+    expires_at: datetime | None = None
+    approvals: list[ApprovalRecord] = Field(default_factory=list)
+    required_approvals: int = 1
+    waiting_for: WaitingFor | None = None
+    waiting_since: datetime | None = None
+    restored: int | None = None
+    error: str | None = None
+    ignored: list[IgnoredMessage] = Field(default_factory=list)
+    timeline: list[TimelineEntry] = Field(default_factory=list)
+
+
+class RestoreCloseInput(Message):
+    restore_workflow_id: str
+    run_id: str = Field(description="Tells this restore from an earlier one with the same id")
+    saga_workflow_id: str
+    purchase_id: int | None
+    state: RestoreState
+    operator: str
+    approvals: list[ApprovalRecord] = Field(default_factory=list)
+    detail: dict[str, str | int | bool | None] = Field(default_factory=dict)
+
+
+class PurgeInput(Message):
+    """Delete progress snapshots older than the retention (the schedule's workflow input)."""
+
+    retention: timedelta
+
+
+class PurgeCutoff(Message):
+    """The purge activity's input: snapshots archived before this go."""
+
+    cutoff: datetime
+
+
+class PurgeResult(Message):
+    cutoff: datetime
+    deleted: int
+    sagas: int
+
+
+RefundRequest.model_rebuild()

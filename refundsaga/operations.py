@@ -5,14 +5,23 @@ state) or an `OperationError` (exit 1: something else), with a one-line message.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
 from temporalio.client import (
     Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
     WorkflowExecution,
     WorkflowExecutionDescription,
     WorkflowHandle,
@@ -28,17 +37,31 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from refundsaga import search_attributes as sa
+from refundsaga.approval import policy_from_settings
+from refundsaga.batch import plan_batch, summarize
 from refundsaga.contracts import (
     AmsConfirmation,
     ApprovalDecision,
+    BatchPlan,
+    BatchRefundInput,
+    BatchState,
+    BatchStatus,
     DecisionReceipt,
+    PurgeInput,
     RefundRequest,
     Resolution,
+    RestoreRequest,
+    RestoreState,
+    RestoreStatus,
     SagaState,
     SagaStatus,
 )
+from refundsaga.processor import ProcessorClient, ProcessorError
 from refundsaga.settings import Settings
+from refundsaga.store import OasisStore
+from workflows.batch_refund import BatchRefund
 from workflows.refund_saga import RefundSaga
+from workflows.restore_progress import PurgeExpiredSnapshots, RestoreProgress
 
 
 class Refused(Exception):
@@ -68,6 +91,8 @@ async def start_refund(
     client: Client, settings: Settings, request: RefundRequest
 ) -> WorkflowHandle[RefundSaga, SagaStatus]:
     """Start a saga for the purchase, refused when one is already running for it."""
+    if request.batch_approval is not None:
+        raise Refused("a batch approval is given by `refund batch`, not by a single start")
     workflow_id = workflow_id_for(request.purchase_id)
     pairs: list[SearchAttributePair[Any]] = [
         SearchAttributePair(sa.REFUND_STATE, SagaState.PREPARING.value),
@@ -78,7 +103,9 @@ async def start_refund(
     if request.amount_cents is not None:
         pairs.append(SearchAttributePair(sa.REFUND_AMOUNT_CENTS, request.amount_cents))
     attributes = TypedSearchAttributes(pairs)
-    amount = "the unrefunded rest" if request.amount_cents is None else f"{request.amount_cents}"
+    amount = (
+        "the unrefunded rest" if request.amount_cents is None else f"{request.amount_cents} cents"
+    )
     try:
         return await client.start_workflow(
             RefundSaga.run,
@@ -88,7 +115,7 @@ async def start_refund(
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             search_attributes=attributes,
-            static_summary=f"Refund purchase {request.purchase_id}: {amount} cents",
+            static_summary=f"Refund purchase {request.purchase_id}: {amount}",
             static_details=(
                 f"Requested by **{request.requested_by}** for purchase "
                 f"**{request.purchase_id}**, amount: {amount}."
@@ -230,3 +257,287 @@ async def list_sagas(client: Client, query: str, *, limit: int) -> list[Workflow
         raise Refused(f"the list filter was refused: {err.message}") from err
     found.sort(key=lambda e: e.start_time, reverse=True)
     return found
+
+
+# --- batches, restores and the purge schedule -------------------------------------------------
+
+PURGE_SCHEDULE_ID = "refund-purge-expired-snapshots"
+PURGE_EVERY = timedelta(days=1)
+_POLL_S = 1.0
+
+
+def batch_id_for(*, product_id: int | None = None, purchase_ids: Sequence[int] = ()) -> str:
+    """One batch per product (or per list of purchases) at a time: the id says which."""
+    if product_id is not None:
+        return f"batch-product-{product_id}"
+    digest = hashlib.sha256(",".join(map(str, sorted(purchase_ids))).encode()).hexdigest()
+    return f"batch-list-{digest[:12]}"
+
+
+async def start_batch(
+    client: Client, settings: Settings, inp: BatchRefundInput
+) -> WorkflowHandle[BatchRefund, BatchStatus]:
+    """Start a batch, refused when one is already running for the same product or list."""
+    workflow_id = batch_id_for(product_id=inp.product_id, purchase_ids=inp.purchase_ids or ())
+    what = (
+        f"product {inp.product_id}"
+        if inp.product_id is not None
+        else f"{len(inp.purchase_ids or [])} listed purchase(s)"
+    )
+    attributes = TypedSearchAttributes(
+        [
+            SearchAttributePair(sa.REFUND_STATE, BatchState.PLANNING.value),
+            SearchAttributePair(sa.WAITING_FOR, "none"),
+            SearchAttributePair(sa.REQUESTED_BY, inp.requested_by),
+        ]
+    )
+    try:
+        return await client.start_workflow(
+            BatchRefund.run,
+            inp,
+            id=workflow_id,
+            task_queue=settings.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            search_attributes=attributes,
+            static_summary=f"Batch refund of {what}",
+            static_details=f"Requested by **{inp.requested_by}**: refund every purchase of {what}.",
+        )
+    except WorkflowAlreadyStartedError as err:
+        raise Refused(
+            f"a batch for {what} is already running: {workflow_id}; see "
+            f"`refund batch status {workflow_id}`"
+        ) from err
+    except RPCError as err:
+        raise OperationError(f"Temporal refused to start {workflow_id}: {err.message}") from err
+
+
+async def _describe(client: Client, workflow_id: str, what: str) -> WorkflowExecutionDescription:
+    try:
+        return await client.get_workflow_handle(workflow_id).describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise Refused(f"no {what} {workflow_id}") from err
+        raise OperationError(f"cannot describe {workflow_id}: {err.message}") from err
+
+
+async def batch_status(client: Client, batch_id: str) -> BatchStatus:
+    """The batch's progress: from its result when it has completed, else from the query."""
+    description = await _describe(client, batch_id, "batch")
+    handle = client.get_workflow_handle_for(BatchRefund.run, batch_id)
+    if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED:
+        return await handle.result()
+    try:
+        return await handle.query(BatchRefund.progress)
+    except RPCError as err:
+        raise OperationError(
+            f"{batch_id} did not answer its progress query ({err.message}); is a worker running?"
+        ) from err
+
+
+async def wait_batch(
+    client: Client,
+    batch_id: str,
+    *,
+    timeout_s: float,
+    on_poll: Callable[[BatchStatus], None] = lambda _: None,
+) -> BatchStatus:
+    """Poll the batch until it has ended, or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = await batch_status(client, batch_id)
+        on_poll(status)
+        if status.state.is_end:
+            return status
+        if time.monotonic() >= deadline:
+            raise OperationError(f"{batch_id} is still {status.state.value} after {timeout_s:g} s")
+        await asyncio.sleep(_POLL_S)
+
+
+async def list_batches(client: Client, *, limit: int) -> list[WorkflowExecution]:
+    """Batches, newest first."""
+    return await list_sagas(client, 'WorkflowType="BatchRefund"', limit=limit)
+
+
+async def running_saga_ids(client: Client, purchase_ids: Sequence[int]) -> dict[int, str]:
+    """The purchases among these that a saga is refunding now (from the list of sagas)."""
+    wanted = set(purchase_ids)
+    running: dict[int, str] = {}
+    query = 'WorkflowType="RefundSaga" AND ExecutionStatus="Running"'
+    try:
+        async for execution in client.list_workflows(query):
+            raw = execution.typed_search_attributes.get(sa.PURCHASE_ID)
+            if raw and raw.isdigit() and int(raw) in wanted:
+                running[int(raw)] = execution.id
+    except RPCError as err:
+        raise OperationError(f"cannot list the running sagas: {err.message}") from err
+    return running
+
+
+async def dry_run_batch(
+    client: Client | None,
+    settings: Settings,
+    store: OasisStore,
+    *,
+    product_id: int | None = None,
+    purchase_ids: Sequence[int] | None = None,
+    window: int | None = None,
+    rate_per_s: float | None = None,
+) -> BatchPlan:
+    """Exactly what a batch would do, per purchase and in total; changes nothing.
+
+    Plans with this machine's settings (the batch itself plans on a worker, with its own);
+    with a client, purchases a saga is refunding now are shown as skipped.
+    """
+    async with ProcessorClient(
+        settings.processor_url, settings.processor_api_key, timeout_s=settings.processor_timeout_s
+    ) as processor:
+        try:
+            plan = await plan_batch(
+                store,
+                processor,
+                product_id=product_id,
+                purchase_ids=purchase_ids,
+                policy=policy_from_settings(settings),
+                window=window or settings.batch_window,
+                rate_per_s=rate_per_s or settings.batch_rate_per_s,
+            )
+        except ProcessorError as err:
+            raise OperationError(f"the processor did not answer: {err.message}") from err
+    if client is None:
+        return plan
+    running = await running_saga_ids(client, [i.purchase_id for i in plan.items if i.included])
+    if not running:
+        return plan
+    items = [
+        i.model_copy(
+            update={
+                "skip_reason": f"a refund saga is already running: {running[i.purchase_id]}",
+                "amount_cents": 0,
+            }
+        )
+        if i.purchase_id in running
+        else i
+        for i in plan.items
+    ]
+    summary = summarize(
+        items,
+        policy=plan.summary.policy,
+        window=plan.summary.window,
+        rate_per_s=plan.summary.rate_per_s,
+    )
+    return BatchPlan(summary=summary, items=items)
+
+
+def restore_id_for(saga_workflow_id: str) -> str:
+    """One restore per saga at a time."""
+    return f"restore-{saga_workflow_id}"
+
+
+async def start_restore(
+    client: Client, settings: Settings, request: RestoreRequest
+) -> WorkflowHandle[RestoreProgress, RestoreStatus]:
+    """Start a restore of a saga's archived progress; refused while one runs for it."""
+    workflow_id = restore_id_for(request.saga_workflow_id)
+    try:
+        return await client.start_workflow(
+            RestoreProgress.run,
+            request,
+            id=workflow_id,
+            task_queue=settings.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(sa.REQUESTED_BY, request.operator)]
+            ),
+            static_summary=f"Restore the progress revoked by {request.saga_workflow_id}",
+        )
+    except WorkflowAlreadyStartedError as err:
+        raise Refused(
+            f"a restore of {request.saga_workflow_id} is already running: {workflow_id}; see "
+            f"`refund restore-status {request.saga_workflow_id}`"
+        ) from err
+    except RPCError as err:
+        raise OperationError(f"Temporal refused to start {workflow_id}: {err.message}") from err
+
+
+async def restore_status(client: Client, restore_id: str) -> RestoreStatus:
+    """The restore's status: from its result when it has completed, else from the query."""
+    description = await _describe(client, restore_id, "restore")
+    handle = client.get_workflow_handle_for(RestoreProgress.run, restore_id)
+    if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED:
+        return await handle.result()
+    try:
+        return await handle.query(RestoreProgress.restore_status)
+    except RPCError as err:
+        raise OperationError(
+            f"{restore_id} did not answer its status query ({err.message}); is a worker running?"
+        ) from err
+
+
+async def wait_restore(
+    client: Client,
+    restore_id: str,
+    states: set[RestoreState],
+    *,
+    timeout_s: float,
+) -> RestoreStatus:
+    """Poll the restore until it is in one of `states` (or ended), or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = await restore_status(client, restore_id)
+        if status.state in states or status.state in RESTORE_ENDS:
+            return status
+        if time.monotonic() >= deadline:
+            raise OperationError(
+                f"{restore_id} is still {status.state.value} after {timeout_s:g} s"
+            )
+        await asyncio.sleep(0.5)
+
+
+RESTORE_ENDS = frozenset(
+    {
+        RestoreState.COMPLETED,
+        RestoreState.REFUSED,
+        RestoreState.REJECTED,
+        RestoreState.EXPIRED,
+        RestoreState.CANCELLED,
+        RestoreState.FAILED,
+    }
+)
+
+
+async def ensure_purge_schedule(client: Client, settings: Settings) -> str:
+    """Create the daily purge of expired progress snapshots, or bring it up to date.
+
+    Safe to call at every deploy or `refund stack up`: the schedule's retention and task
+    queue follow the settings of the caller.
+
+    Returns:
+        ``created`` or ``updated``.
+    """
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            PurgeExpiredSnapshots.run,
+            PurgeInput(retention=settings.restore_retention),
+            id=f"{PURGE_SCHEDULE_ID}-run",
+            task_queue=settings.task_queue,
+            static_summary="Purge progress snapshots past the restore retention",
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=PURGE_EVERY)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    try:
+        await client.create_schedule(PURGE_SCHEDULE_ID, schedule)
+        return "created"
+    except ScheduleAlreadyRunningError:
+        pass
+    except RPCError as err:
+        raise OperationError(f"cannot create schedule {PURGE_SCHEDULE_ID}: {err.message}") from err
+    try:
+        await client.get_schedule_handle(PURGE_SCHEDULE_ID).update(
+            lambda _current: ScheduleUpdate(schedule=schedule)
+        )
+    except RPCError as err:
+        raise OperationError(f"cannot update schedule {PURGE_SCHEDULE_ID}: {err.message}") from err
+    return "updated"

@@ -17,6 +17,21 @@ SANDBOX_PROCESSOR_KEY = "sk_test_sandbox"
 SANDBOX_AMS_KEY = "ams_test_sandbox"
 
 
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_duration(value: object) -> object:
+    """Durations as people write them: `3600` (seconds), `45s`, `30m`, `72h`, `3d`; anything
+    else (ISO 8601 such as `P3D`, a timedelta) goes to pydantic as it is."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text.isdigit():
+            return timedelta(seconds=int(text))
+        if len(text) > 1 and text[:-1].isdigit() and text[-1] in _UNITS:
+            return timedelta(**{_UNITS[text[-1]]: int(text[:-1])})
+    return value
+
+
 class Settings(BaseSettings):
     """Everything the worker, the CLI and the embedded stack need, from the environment."""
 
@@ -31,6 +46,8 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     task_queue: str = "refund-saga"
     temporal_ui_url: str = "http://127.0.0.1:8233"
+    # A Temporal envconfig profile name (temporal.toml); None: TEMPORAL_PROFILE or "default".
+    temporal_profile: str | None = None
 
     # OASIS store; None means the SQLite file `<data_dir>/oasis.db`.
     database_url: str | None = None
@@ -85,6 +102,18 @@ class Settings(BaseSettings):
     max_concurrent_activities: int = 50
     max_concurrent_workflow_tasks: int = 50
     log_format: Literal["auto", "json", "text"] = "auto"
+
+    @field_validator(
+        "approval_timeout",
+        "approval_reminder_every",
+        "ams_reminder_every",
+        "ams_escalate_after",
+        "restore_retention",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value)
 
     @field_validator("approvers", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import httpx
+from pydantic import SecretStr
 from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
@@ -426,6 +428,8 @@ class _UpRun:
 
         self.wait_ready("worker", pid, ready)
         self.on_progress(f"worker: polling task queue {task_queue}")
+        result = temporal.ensure_purge_schedule(timeout_s=self.remaining(cap=10))
+        self.on_progress(f"schedules: purge of expired progress snapshots {result}")
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> int:
         _check_ports_free(self.settings, name)  # again: something may have taken it since
@@ -486,8 +490,30 @@ class _UpRun:
             self.paths.pid(name).unlink(missing_ok=True)
 
 
+def _settings_env(settings: Settings) -> dict[str, str]:
+    """The settings given explicitly (not from defaults) as `REFUND_*` variables, so the worker
+    process runs with the Settings object the stack was started with, not only the shell's."""
+    env: dict[str, str] = {}
+    for name in settings.model_fields_set:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            text = value.get_secret_value()
+        elif isinstance(value, list):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            text = json.dumps(value)
+        elif isinstance(value, timedelta):
+            text = str(int(value.total_seconds()))
+        else:
+            text = str(value)
+        env[f"REFUND_{name.upper()}"] = text
+    return env
+
+
 def _worker_env(settings: Settings) -> dict[str, str]:
-    env = {**os.environ, **stack_env(settings)}
+    env = {**os.environ, **_settings_env(settings), **stack_env(settings)}
     # The keys the sandboxes were started with, so the worker's requests are accepted.
     env["REFUND_PROCESSOR_API_KEY"] = settings.processor_api_key.get_secret_value()
     env["REFUND_AMS_API_KEY"] = settings.ams_api_key.get_secret_value()
@@ -831,6 +857,30 @@ class _Temporal:
                 f"({type(err).__name__}: {err}); see {_Paths.of(self.settings).log('temporal')}"
             ) from err
         return sorted(missing)
+
+    def ensure_purge_schedule(self, timeout_s: float) -> str:
+        """The daily purge of expired progress snapshots (see operations.ensure_purge_schedule).
+
+        Returns:
+            ``created`` or ``updated``; a failure is reported, not raised: the stack works
+            without it, and `refund schedules ensure` can be run later.
+        """
+        from temporalio.contrib.pydantic import pydantic_data_converter
+
+        from refundsaga.operations import ensure_purge_schedule
+
+        async def ensure() -> str:
+            client = await Client.connect(
+                self.address,
+                namespace=self.settings.temporal_namespace,
+                data_converter=pydantic_data_converter,
+            )
+            return await ensure_purge_schedule(client, self.settings)
+
+        try:
+            return self._call(ensure, timeout_s)
+        except Exception as err:
+            return f"not ensured ({type(err).__name__}: {err}); run `refund schedules ensure`"
 
     def pollers(self, task_queue: str, timeout_s: float) -> list[PollerInfo]:
         """Pollers of the workflow task queue; empty when Temporal does not answer."""

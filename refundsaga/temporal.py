@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
+from temporalio.envconfig import ClientConfigProfile
+from temporalio.runtime import Runtime
 
+from refundsaga.codec import EncryptionCodec
 from refundsaga.settings import Settings
 
 
@@ -17,23 +22,69 @@ class TemporalUnavailable(RuntimeError):
     """Temporal could not be reached at the configured address."""
 
 
-async def connect(settings: Settings) -> Client:
-    """A client for the configured Temporal address and namespace.
+def data_converter(settings: Settings) -> DataConverter:
+    """The pydantic converter, encrypting payloads when REFUND_PAYLOAD_KEYS is set.
 
     Raises:
-        TemporalUnavailable: Nothing answers at the address (say what to do next).
+        ValueError: REFUND_PAYLOAD_KEYS is malformed (the message names the key id, never a key).
+    """
+    if settings.payload_keys is None:
+        return pydantic_data_converter
+    codec = EncryptionCodec.from_spec(settings.payload_keys.get_secret_value())
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=codec,
+        # Error messages and stack traces quote data too: encrypt them with the payloads.
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """Where and how to connect: a Temporal envconfig profile, then the REFUND_ settings.
+
+    The profile (`temporal.toml`, selected with REFUND_TEMPORAL_PROFILE or TEMPORAL_PROFILE,
+    plus TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_TLS_* variables)
+    supplies TLS, mTLS and Temporal Cloud API keys without code changes. REFUND_TEMPORAL_ADDRESS
+    and REFUND_TEMPORAL_NAMESPACE win when set explicitly; they are the defaults otherwise.
+
+    Raises:
+        TemporalUnavailable: The profile cannot be read.
     """
     try:
-        return await Client.connect(
-            settings.temporal_address,
-            namespace=settings.temporal_namespace,
-            data_converter=pydantic_data_converter,
-        )
+        profile = ClientConfigProfile.load(settings.temporal_profile)
+    except Exception as err:  # a bad TOML file or TLS path: one line for a person
+        raise TemporalUnavailable(f"cannot read the Temporal client profile: {err}") from err
+    options: dict[str, Any] = dict(profile.to_client_connect_config())
+    explicit = settings.model_fields_set
+    if "temporal_address" in explicit or not options.get("target_host"):
+        options["target_host"] = settings.temporal_address
+    if "temporal_namespace" in explicit or not options.get("namespace"):
+        options["namespace"] = settings.temporal_namespace
+    return options
+
+
+async def connect(settings: Settings, *, runtime: Runtime | None = None) -> Client:
+    """A client for the configured Temporal address and namespace.
+
+    `runtime` (the worker's, with metrics) defaults to the SDK's default runtime.
+
+    Raises:
+        TemporalUnavailable: Nothing answers at the address (say what to do next), or the
+            payload keys or the client profile are unusable (every caller already reports
+            this one in one line).
+    """
+    try:
+        converter = data_converter(settings)
+    except ValueError as err:
+        raise TemporalUnavailable(f"cannot encrypt payloads: REFUND_PAYLOAD_KEYS: {err}") from err
+    options = connect_options(settings)
+    try:
+        return await Client.connect(**options, data_converter=converter, runtime=runtime)
     except RuntimeError as err:
         raise TemporalUnavailable(
-            f"cannot reach Temporal at {settings.temporal_address} "
-            f"(namespace {settings.temporal_namespace}); start it with `refund stack up` "
-            "or set REFUND_TEMPORAL_ADDRESS"
+            f"cannot reach Temporal at {options['target_host']} "
+            f"(namespace {options['namespace']}); start it with `refund stack up` "
+            "or set REFUND_TEMPORAL_ADDRESS (or a Temporal client profile)"
         ) from err
 
 

@@ -65,7 +65,7 @@ def test_up_down_up(store_url: str) -> None:
     assert current(store_url) is None
 
     upgrade(store_url)
-    assert current(store_url) == head() == "0001"
+    assert current(store_url) == head() == "0002"
     assert table_names(store_url) >= TABLES
 
     downgrade(store_url, "base")

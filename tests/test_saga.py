@@ -353,15 +353,22 @@ async def test_ams_outage_needs_attention_then_ops_retry_completes(world: SagaWo
     await world.wait_for(handle, SagaState.AWAITING_APPROVAL)
     world.ams.set_faults(error_rate=1.0, seed=1, paths=["/v1/members"])
     await handle.execute_update(RefundSaga.decide, ApprovalDecision(approver="bob"))
-    status = await world.wait_for(handle, SagaState.NEEDS_ATTENTION, skip=timedelta(minutes=1))
+    status = await world.wait_for(handle, SagaState.NEEDS_ATTENTION, skip_time=True)
     assert status.error is not None and status.error.startswith("deentitle")
     assert "needs_attention" in world.notifier.kinds(handle.id)
     # The money moved exactly once, and stays moved.
     assert processor_refunds(world, purchase.charge_id) == (purchase.amount_cents, 1)
-    with pytest.raises(WorkflowUpdateFailedError):
-        await handle.execute_update(
-            RefundSaga.confirm_ams, AmsConfirmation(operator="olivia", ams_reference="x")
-        )
+    # A confirmation now is the wrong message for this state: ignored, with the reason.
+    await handle.signal(
+        RefundSaga.confirm_ams_removal, AmsConfirmation(operator="olivia", ams_reference="x")
+    )
+    for _ in range(200):
+        status = await world.status(handle)
+        if status.ignored:
+            break
+        await asyncio.sleep(0.025)
+    assert [(i.kind, i.by) for i in status.ignored] == [("confirm_ams_removal", "olivia")]
+    assert status.state == SagaState.NEEDS_ATTENTION
     world.ams.clear_faults()
     await handle.execute_update(
         RefundSaga.resolve_attention, Resolution(action="retry", operator="olivia")

@@ -20,10 +20,13 @@ with workflow.unsafe.imports_passed_through():
     from activities.refund_activities import RefundActivities
     from refundsaga.approval import refusal_reason
     from refundsaga.contracts import (
+        BATCH_REPORT_SIGNAL,
         AmsConfirmation,
         AmsRemovalInput,
         ApprovalDecision,
         ApprovalRecord,
+        BatchBucket,
+        BatchChildReport,
         CloseInput,
         DeactivateInput,
         DecisionReceipt,
@@ -46,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         TimelineEntry,
         VerifyInput,
         WaitingFor,
+        batch_bucket,
         describe_plan,
     )
     from refundsaga.models import AccessDecision, LedgerEntry
@@ -124,6 +128,18 @@ def _error_text(err: BaseException) -> str:
     return str(cause)
 
 
+def _malformed(message: object, model: type) -> str | None:
+    """Why a signal or update argument is not its model, or None.
+
+    The converter validates JSON payloads against the handler's type but hands other encodings
+    (binary/plain, binary/null) through as they are; such a message would crash the handler
+    and fail every workflow task after it, wedging the saga.
+    """
+    if isinstance(message, model):
+        return None
+    return f"malformed message: expected {model.__name__}, got {type(message).__name__}"
+
+
 def _error_type(err: BaseException) -> str | None:
     cause = err.cause if isinstance(err, ActivityError) else None
     return cause.type if isinstance(cause, ApplicationError) else None
@@ -150,11 +166,23 @@ class RefundSaga:
         self._ams_confirmation: AmsConfirmation | None = None
         self._resolution: Resolution | None = None
         self._cancel_requested = False
+        # A saga started by a BatchRefund tells it where it is (see _report_to_batch); the
+        # batch counts a saga it started as running.
+        self._batch_bucket: BatchBucket = "running"
+        self._batch_reports: asyncio.Task[None] | None = None
 
     # --- the saga -------------------------------------------------------------------------
 
     @workflow.run
     async def run(self, request: RefundRequest) -> SagaStatus:
+        if request.batch_approval is not None and not self._from_batch():
+            # Only the batch that gave the approval can start a saga carrying it: anyone else
+            # setting the field is refused before anything is read or changed.
+            self._status.error = (
+                "a batch approval is accepted only from the batch that gave it (start "
+                "batches with `refund batch`); nothing changed"
+            )
+            return await self._end(SagaState.FAILED)
         try:
             plan = await self._prepare()
             if not await self._approve(plan):
@@ -234,6 +262,8 @@ class RefundSaga:
     # --- step 2: plan and approve -----------------------------------------------------------
 
     async def _approve(self, plan: RefundPlan) -> bool:
+        if self._request.batch_approval is not None and self._accept_batch_approval(plan):
+            return True
         if plan.required_approvals == 0:
             self._mark("approve", "auto-approved below the policy threshold", "policy")
             return True
@@ -273,6 +303,9 @@ class RefundSaga:
             approver=decision.approver,
             requested_by=self._request.requested_by,
             decisions=self._status.approvals,
+            decision=decision,
+            workflow_id=workflow.info().workflow_id,
+            run_id=workflow.info().run_id,
         )
 
     def _apply_decision(self, decision: ApprovalDecision) -> None:
@@ -282,6 +315,7 @@ class RefundSaga:
                 approve=decision.approve,
                 at=workflow.now(),
                 comment=decision.comment,
+                signature=decision.signature,
             )
         )
         verb = "approved" if decision.approve else "rejected"
@@ -296,12 +330,14 @@ class RefundSaga:
     @workflow.signal
     def approve(self, decision: ApprovalDecision) -> None:
         """Approve the refund (fire and forget; a refused approval is recorded as ignored)."""
-        self._signal_decision(decision.model_copy(update={"approve": True}))
+        if not self._ignored_malformed("approve", decision, ApprovalDecision):
+            self._signal_decision(decision.model_copy(update={"approve": True}))
 
     @workflow.signal
     def reject(self, decision: ApprovalDecision) -> None:
         """Reject the refund: nothing changes, the saga ends REJECTED."""
-        self._signal_decision(decision.model_copy(update={"approve": False}))
+        if not self._ignored_malformed("reject", decision, ApprovalDecision):
+            self._signal_decision(decision.model_copy(update={"approve": False}))
 
     def _signal_decision(self, decision: ApprovalDecision) -> None:
         reason = self._decision_refusal(decision)
@@ -318,9 +354,87 @@ class RefundSaga:
 
     @decide.validator
     def _validate_decide(self, decision: ApprovalDecision) -> None:
-        reason = self._decision_refusal(decision)
+        reason = _malformed(decision, ApprovalDecision) or self._decision_refusal(decision)
         if reason:
             raise ValueError(reason)
+
+    # --- a saga started by a batch ------------------------------------------------------------
+
+    def _from_batch(self) -> bool:
+        """Started as a child of the batch whose approval the request carries."""
+        batch = self._request.batch_approval
+        parent = workflow.info().parent
+        return (
+            batch is not None
+            and parent is not None
+            and parent.workflow_id == batch.batch_workflow_id
+        )
+
+    def _accept_batch_approval(self, plan: RefundPlan) -> bool:
+        """Count the batch's approvals, unless the plan moves more than the batch approved
+        (the purchase changed since): then this saga waits for its own approval."""
+        batch = self._request.batch_approval
+        assert batch is not None
+        if plan.amount_cents > batch.max_amount_cents:
+            self._mark(
+                "approve",
+                f"the plan moves {plan.amount_cents}, the batch approved "
+                f"{batch.max_amount_cents}: this refund needs its own approval",
+                "policy",
+            )
+            return False
+        for record in batch.approvals:
+            comment = f"batch {batch.batch_workflow_id}" + (
+                f": {record.comment}" if record.comment else ""
+            )
+            self._status.approvals.append(record.model_copy(update={"comment": comment}))
+        approvers = ", ".join(a.approver for a in batch.approvals if a.approve)
+        self._mark(
+            "approve",
+            f"approved with batch {batch.batch_workflow_id}"
+            + (f" by {approvers}" if approvers else " (auto-approved)"),
+            "policy",
+        )
+        return True
+
+    def _report_to_batch(self, *, final: bool = False) -> None:
+        """Tell the batch this saga moved between buckets; reports go out in order."""
+        if not self._from_batch():
+            return
+        state = self._status.state
+        if state.is_end and not final:
+            return  # the end is reported once the saga has closed its books (_end)
+        bucket = batch_bucket(state)
+        if bucket == self._batch_bucket:
+            return
+        refund = self._status.refund
+        report = BatchChildReport(
+            purchase_id=self._request.purchase_id,
+            workflow_id=workflow.info().workflow_id,
+            previous=self._batch_bucket,
+            current=bucket,
+            state=state,
+            refunded_cents=refund.amount_cents if refund.source == "processor" else 0,
+            error=self._status.error,
+        )
+        self._batch_bucket = bucket
+        self._batch_reports = asyncio.create_task(self._send_report(self._batch_reports, report))
+
+    async def _send_report(
+        self, after: asyncio.Task[None] | None, report: BatchChildReport
+    ) -> None:
+        if after is not None:
+            await after
+        parent = workflow.info().parent
+        assert parent is not None
+        try:
+            # By workflow id only: the batch may have continued as new since it started us.
+            await workflow.get_external_workflow_handle(parent.workflow_id).signal(
+                BATCH_REPORT_SIGNAL, report
+            )
+        except Exception as err:
+            # The batch may have ended (cancelled); the refund goes on regardless.
+            workflow.logger.warning("batch %s not told: %s", parent.workflow_id, err)
 
     # --- step 3 and 4: refund (the pivot) and record ----------------------------------------
 
@@ -552,6 +666,8 @@ class RefundSaga:
     @workflow.signal
     def confirm_ams_removal(self, confirmation: AmsConfirmation) -> None:
         """Someone removed the entitlement in the AMS by hand."""
+        if self._ignored_malformed("confirm_ams_removal", confirmation, AmsConfirmation):
+            return
         reason = self._confirmation_refusal()
         if reason:
             self._ignore("confirm_ams_removal", confirmation.operator, reason)
@@ -566,7 +682,7 @@ class RefundSaga:
 
     @confirm_ams.validator
     def _validate_confirm_ams(self, confirmation: AmsConfirmation) -> None:
-        reason = self._confirmation_refusal()
+        reason = _malformed(confirmation, AmsConfirmation) or self._confirmation_refusal()
         if reason:
             raise ValueError(reason)
 
@@ -642,6 +758,9 @@ class RefundSaga:
         )
         self._set_state(state)
         self._mark("end", state.value)
+        self._report_to_batch(final=True)
+        if self._batch_reports is not None:
+            await self._batch_reports
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._status
 
@@ -711,6 +830,8 @@ class RefundSaga:
     @workflow.signal
     def resolve(self, resolution: Resolution) -> None:
         """Ops' decision for a saga in NEEDS_ATTENTION: retry, skip or abort the step."""
+        if self._ignored_malformed("resolve", resolution, Resolution):
+            return
         reason = self._resolution_refusal()
         if reason:
             self._ignore("resolve", resolution.operator, reason)
@@ -725,7 +846,7 @@ class RefundSaga:
 
     @resolve_attention.validator
     def _validate_resolve(self, resolution: Resolution) -> None:
-        reason = self._resolution_refusal()
+        reason = _malformed(resolution, Resolution) or self._resolution_refusal()
         if reason:
             raise ValueError(reason)
 
@@ -753,6 +874,7 @@ class RefundSaga:
         if changed or state == SagaState.PREPARING:
             self._upsert_search_attributes()
         workflow.set_current_details(self._details_markdown())
+        self._report_to_batch()
 
     def _upsert_search_attributes(self) -> None:
         updates: list[SearchAttributeUpdate[Any]] = [
@@ -792,6 +914,12 @@ class RefundSaga:
             TimelineEntry(at=workflow.now(), step=step, actor=actor, outcome=outcome)
         )
 
+    def _ignored_malformed(self, kind: str, message: object, model: type) -> bool:
+        reason = _malformed(message, model)
+        if reason:
+            self._ignore(kind, "unknown", reason)
+        return reason is not None
+
     def _ignore(self, kind: str, by: str, reason: str) -> None:
         self._status.ignored.append(
             IgnoredMessage(kind=kind, by=by, at=workflow.now(), reason=reason)
@@ -799,17 +927,24 @@ class RefundSaga:
         workflow.logger.info("ignored %s: %s", kind, reason)
 
     async def _notify(self, kind: NotificationKind, text: str) -> None:
-        await workflow.execute_activity_method(
-            RefundActivities.notify,
-            Notification(
-                kind=kind,
-                workflow_id=workflow.info().workflow_id,
-                purchase_id=self._request.purchase_id,
-                text=text,
-                state=self._status.state,
-            ),
-            start_to_close_timeout=HTTP_TIMEOUT,
-            # A lost reminder must not stop a refund: a few tries, then go on.
-            retry_policy=RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=30)),
-            summary=f"notify: {kind}",
-        )
+        try:
+            await workflow.execute_activity_method(
+                RefundActivities.notify,
+                Notification(
+                    kind=kind,
+                    workflow_id=workflow.info().workflow_id,
+                    purchase_id=self._request.purchase_id,
+                    text=text,
+                    state=self._status.state,
+                ),
+                start_to_close_timeout=HTTP_TIMEOUT,
+                retry_policy=RetryPolicy(
+                    maximum_attempts=3, maximum_interval=timedelta(seconds=30)
+                ),
+                summary=f"notify: {kind}",
+            )
+        except ActivityError as err:
+            # A lost notification must not stop a refund: a few tries, then go on (the
+            # status and the Temporal UI still show what the saga waits for).
+            self._mark("notify", f"{kind} not delivered: {_error_text(err)}")
+            workflow.logger.warning("notification %s not delivered: %s", kind, _error_text(err))

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -136,6 +137,8 @@ class Purchase(Base):
             "refunded_cents >= 0 AND refunded_cents <= amount_cents", "refunded_within_amount"
         ),
         Index(None, "user_id", "product_id"),
+        # A batch lists every purchase of a cancelled product (migration 0002).
+        Index(None, "product_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -199,7 +202,8 @@ class ProgressArchive(Base):
     """A progress row as it was just before a refund deleted it: deletion is irreversible."""
 
     __tablename__ = "progress_archive"
-    __table_args__ = (Index(None, "user_id", "product_id"),)
+    # archived_at: the purge of expired snapshots (migration 0002).
+    __table_args__ = (Index(None, "user_id", "product_id"), Index(None, "archived_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     original_progress_id: Mapped[int] = mapped_column(Integer)
@@ -210,6 +214,31 @@ class ProgressArchive(Base):
     archived_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
     workflow_id: Mapped[str] = mapped_column(String(255), index=True)
     purchase_id: Mapped[int] = mapped_column(ForeignKey("purchases.id"))
+    # Set when `refund restore-progress` put the row back (migration 0002).
+    restored_at: Mapped[datetime | None]
+    restored_by: Mapped[str | None] = mapped_column(String(255))
+
+
+class RefundBatchItem(Base):
+    """One purchase of a batch refund as planned and approved (migration 0002).
+
+    The batch's children are started from these rows, so the set approved is the set refunded
+    even when purchases of the product are added later.
+    """
+
+    __tablename__ = "refund_batch_items"
+
+    batch_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # No foreign key: a list of purchases may name one that does not exist (skipped, and why).
+    purchase_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    included: Mapped[bool] = mapped_column(Boolean)
+    skip_reason: Mapped[str | None] = mapped_column(String(300))
+    amount_cents: Mapped[int] = mapped_column(Integer)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    already_refunded: Mapped[bool] = mapped_column(Boolean)
+    progress_records: Mapped[int] = mapped_column(Integer)
+    ams_action: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
 class AuditEventRow(Base):

@@ -12,6 +12,7 @@ from typing import Any, cast
 from sqlalchemy import (
     Connection,
     Engine,
+    Select,
     create_engine,
     delete,
     event,
@@ -42,6 +43,7 @@ from refundsaga.store.schema import (
     ProgressArchive,
     Purchase,
     Refund,
+    RefundBatchItem,
     User,
     utcnow,
 )
@@ -100,6 +102,55 @@ class AuditEvent(Record):
     workflow_id: str | None
     purchase_id: int | None
     detail: dict[str, Any]
+
+
+class RestoreRefused(StoreError):
+    """A restore of archived progress that must not happen: expired, conflicting, or done."""
+
+
+class PlannedItem(Record):
+    """One purchase of a batch refund as planned (identifiers and money only)."""
+
+    purchase_id: int
+    included: bool
+    skip_reason: str | None
+    amount_cents: int
+    currency: str | None
+    already_refunded: bool
+    progress_records: int
+    ams_action: str
+
+
+class SnapshotInfo(Record):
+    """What the archive holds for one saga's revoke, for a restore to be judged on."""
+
+    workflow_id: str
+    saga_state: str | None
+    revoked: bool
+    purchase_id: int | None
+    user_id: int | None
+    product_id: int | None
+    rows: int
+    archived_at: datetime | None
+    restored_at: datetime | None
+    restored_by: str | None
+    conflicts: int
+
+
+class RestoreOutcome(Record):
+    """Progress rows put back by a restore."""
+
+    restored: int
+    purchase_id: int
+    user_id: int
+    product_id: int
+
+
+class PurgeOutcome(Record):
+    """Archived progress rows deleted because their retention ran out."""
+
+    deleted: int
+    sagas: int
 
 
 def sqlite_database_path(url: str) -> Path | None:
@@ -171,6 +222,11 @@ def _purchase_status(refunded_cents: int, amount_cents: int) -> PurchaseStatus:
 
 def _jsonable(value: object) -> object:
     return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _parse_time(value: object) -> datetime | None:
+    # Archived payloads hold times as ISO strings (see revoke_progress).
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
 def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
@@ -614,6 +670,411 @@ class OasisStore:
                 .where(ProgressArchive.workflow_id == workflow_id)
             )
         return int(count or 0)
+
+    # -- batches, restores and purges ------------------------------------------------------
+
+    def batch_candidates(
+        self, *, product_id: int | None = None, purchase_ids: Sequence[int] | None = None
+    ) -> list[PurchaseSnapshot]:
+        """Every purchase of a product, or the given purchases, as a refund would see them.
+
+        Args:
+            product_id: All purchases of this product (uses the product_id index).
+            purchase_ids: Or exactly these purchases; ids with no purchase are left out.
+
+        Returns:
+            Snapshots ordered by purchase id.
+
+        Raises:
+            ValueError: Neither or both of product_id and purchase_ids given.
+        """
+        if (product_id is None) == (purchase_ids is None):
+            raise ValueError("batch_candidates needs a product_id or purchase_ids")
+        progress_count = (
+            select(func.count())
+            .select_from(CourseProgress)
+            .where(
+                CourseProgress.user_id == Purchase.user_id,
+                CourseProgress.product_id == Purchase.product_id,
+            )
+            .correlate(Purchase)
+            .scalar_subquery()
+        )
+        base = (
+            select(
+                Purchase.id.label("purchase_id"),
+                Purchase.user_id,
+                Purchase.product_id,
+                Product.code.label("product_code"),
+                Product.entitlement_source,
+                User.ams_member_id,
+                Purchase.amount_cents,
+                Purchase.currency,
+                Purchase.refunded_cents,
+                Purchase.status,
+                Purchase.processor_charge_id,
+                progress_count.label("progress_count"),
+            )
+            .join(Product, Product.id == Purchase.product_id)
+            .join(User, User.id == Purchase.user_id)
+            .order_by(Purchase.id)
+        )
+        statements = (
+            [base.where(Purchase.product_id == product_id)]
+            if purchase_ids is None
+            else [base.where(Purchase.id.in_(ids)) for ids in _chunks(sorted(set(purchase_ids)))]
+        )
+        found: list[PurchaseSnapshot] = []
+        with self._read() as session:
+            for statement in statements:
+                found.extend(
+                    PurchaseSnapshot.model_validate(dict(row._mapping))
+                    for row in session.execute(statement)
+                )
+        return sorted(found, key=lambda snapshot: snapshot.purchase_id)
+
+    def save_batch_items(self, batch_id: str, items: Sequence[PlannedItem]) -> None:
+        """Record a batch's plan, replacing any earlier plan of the same batch (retries).
+
+        Args:
+            batch_id: The batch's workflow id.
+            items: One per purchase considered, included or skipped.
+        """
+        with self._write() as session:
+            session.execute(delete(RefundBatchItem).where(RefundBatchItem.batch_id == batch_id))
+            now = utcnow()
+            rows = [
+                {"batch_id": batch_id, "created_at": now, **item.model_dump()} for item in items
+            ]
+            for start in range(0, len(rows), _IN_CHUNK):
+                session.execute(insert(RefundBatchItem), rows[start : start + _IN_CHUNK])
+
+    def batch_page(self, batch_id: str, *, after_purchase_id: int, limit: int) -> list[PlannedItem]:
+        """The next included purchases of a batch, by purchase id.
+
+        Args:
+            batch_id: The batch's workflow id.
+            after_purchase_id: The last purchase already handed out (0 at first).
+            limit: At most this many.
+
+        Returns:
+            Planned items in increasing purchase id; empty when the batch has no more.
+        """
+        return self._batch_items(
+            select(RefundBatchItem)
+            .where(
+                RefundBatchItem.batch_id == batch_id,
+                RefundBatchItem.included.is_(True),
+                RefundBatchItem.purchase_id > after_purchase_id,
+            )
+            .order_by(RefundBatchItem.purchase_id)
+            .limit(limit)
+        )
+
+    def batch_items(self, batch_id: str) -> list[PlannedItem]:
+        """A batch's whole plan as recorded, by purchase id."""
+        return self._batch_items(
+            select(RefundBatchItem)
+            .where(RefundBatchItem.batch_id == batch_id)
+            .order_by(RefundBatchItem.purchase_id)
+        )
+
+    def _batch_items(self, statement: Select[RefundBatchItem]) -> list[PlannedItem]:
+        with self._read() as session:
+            return [
+                PlannedItem(
+                    purchase_id=row.purchase_id,
+                    included=row.included,
+                    skip_reason=row.skip_reason,
+                    amount_cents=row.amount_cents,
+                    currency=row.currency,
+                    already_refunded=row.already_refunded,
+                    progress_records=row.progress_records,
+                    ams_action=row.ams_action,
+                )
+                for row in session.scalars(statement)
+            ]
+
+    def snapshot_info(self, workflow_id: str) -> SnapshotInfo:
+        """What a restore of a saga's revoke would put back, and what stands in its way.
+
+        The snapshot is the saga's latest revoke (rows archived together share a time); rows
+        restored already are not counted. Conflicts are archived items the user has progress
+        in again, which a restore would overwrite.
+
+        Args:
+            workflow_id: The refund saga that revoked the progress.
+        """
+        archive = ProgressArchive
+        with self._read() as session:
+            ended = session.scalar(
+                select(AuditEventRow.detail)
+                .where(
+                    AuditEventRow.workflow_id == workflow_id,
+                    AuditEventRow.event == "saga_ended",
+                )
+                .order_by(AuditEventRow.at.desc(), AuditEventRow.id.desc())
+                .limit(1)
+            )
+            revoked = self._has_event(session, workflow_id=workflow_id, event="progress_revoked")
+            latest = session.execute(
+                select(
+                    archive.archived_at, archive.purchase_id, archive.user_id, archive.product_id
+                )
+                .where(archive.workflow_id == workflow_id)
+                .order_by(archive.archived_at.desc(), archive.id.desc())
+                .limit(1)
+            ).one_or_none()
+            info: dict[str, Any] = {
+                "workflow_id": workflow_id,
+                "saga_state": (ended or {}).get("state"),
+                "revoked": revoked,
+                "purchase_id": None,
+                "user_id": None,
+                "product_id": None,
+                "rows": 0,
+                "archived_at": None,
+                "restored_at": None,
+                "restored_by": None,
+                "conflicts": 0,
+            }
+            if latest is None:
+                return SnapshotInfo(**info)
+            archived_at, purchase_id, user_id, product_id = latest
+            rows = session.execute(
+                select(archive.item_key, archive.restored_at, archive.restored_by).where(
+                    archive.workflow_id == workflow_id, archive.archived_at == archived_at
+                )
+            ).all()
+            pending = [row.item_key for row in rows if row.restored_at is None]
+            restored = [row for row in rows if row.restored_at is not None]
+            info.update(
+                purchase_id=purchase_id,
+                user_id=user_id,
+                product_id=product_id,
+                rows=len(pending),
+                archived_at=archived_at,
+                restored_at=max((r.restored_at for r in restored), default=None),
+                restored_by=restored[0].restored_by if restored else None,
+                conflicts=self._conflicts(session, user_id, product_id, pending),
+            )
+            return SnapshotInfo(**info)
+
+    @staticmethod
+    def _conflicts(session: Session, user_id: int, product_id: int, keys: Sequence[str]) -> int:
+        count = 0
+        for start in range(0, len(keys), _IN_CHUNK):
+            count += int(
+                session.scalar(
+                    select(func.count())
+                    .select_from(CourseProgress)
+                    .where(
+                        CourseProgress.user_id == user_id,
+                        CourseProgress.product_id == product_id,
+                        CourseProgress.item_key.in_(keys[start : start + _IN_CHUNK]),
+                    )
+                )
+                or 0
+            )
+        return count
+
+    def restore_progress(
+        self,
+        *,
+        saga_workflow_id: str,
+        archived_at: datetime,
+        not_before: datetime,
+        restore_workflow_id: str,
+        operator: str,
+        detail: dict[str, Any],
+    ) -> RestoreOutcome:
+        """Put a saga's archived progress back, in one transaction, and say so in the trail.
+
+        Safe to run again: a second run by the same restore finds its own rows and returns
+        the same outcome.
+
+        Args:
+            saga_workflow_id: The refund saga whose revoke is undone.
+            archived_at: Which snapshot (the one the approvers saw).
+            not_before: Snapshots archived before this have expired (now minus the retention).
+            restore_workflow_id: The restore, recorded on each row it puts back.
+            operator: Who asked for the restore (the audit event's actor).
+            detail: Facts for the audit event (approvers, reason); identifiers only.
+
+        Raises:
+            RestoreRefused: The snapshot expired, is gone or already restored, or the user has
+                progress again in an archived item (restoring would overwrite it).
+        """
+        archive = ProgressArchive
+        with self._write() as session:
+            done = session.scalars(
+                select(archive).where(
+                    archive.workflow_id == saga_workflow_id,
+                    archive.restored_by == restore_workflow_id,
+                )
+            ).all()
+            if done:
+                first = done[0]
+                return RestoreOutcome(
+                    restored=len(done),
+                    purchase_id=first.purchase_id,
+                    user_id=first.user_id,
+                    product_id=first.product_id,
+                )
+            if archived_at < not_before:
+                raise RestoreRefused(
+                    f"the progress snapshot of {saga_workflow_id} (archived "
+                    f"{archived_at:%Y-%m-%d %H:%M} UTC) has expired: restores are possible "
+                    "within the retention window only"
+                )
+            rows = session.scalars(
+                select(archive)
+                .where(
+                    archive.workflow_id == saga_workflow_id,
+                    archive.archived_at == archived_at,
+                    archive.restored_at.is_(None),
+                )
+                .order_by(archive.id)
+                .with_for_update()
+            ).all()
+            if not rows:
+                raise RestoreRefused(
+                    f"{saga_workflow_id} has no archived progress left to restore "
+                    "(restored already, or purged)"
+                )
+            first = rows[0]
+            keys = [row.item_key for row in rows]
+            conflicts = self._conflicts(session, first.user_id, first.product_id, keys)
+            if conflicts:
+                raise RestoreRefused(
+                    f"user {first.user_id} has new progress in {conflicts} of the "
+                    f"{len(rows)} archived item(s) of product {first.product_id}: a restore "
+                    "would overwrite it"
+                )
+            now = utcnow()
+            session.execute(
+                insert(CourseProgress),
+                [
+                    {
+                        "user_id": row.user_id,
+                        "product_id": row.product_id,
+                        "item_key": row.item_key,
+                        "percent": int(row.payload.get("percent") or 0),
+                        "completed_at": _parse_time(row.payload.get("completed_at")),
+                        "created_at": _parse_time(row.payload.get("created_at")) or now,
+                    }
+                    for row in rows
+                ],
+            )
+            for row in rows:
+                row.restored_at = now
+                row.restored_by = restore_workflow_id
+            self._audit(
+                session,
+                event="progress_restored",
+                actor=operator,
+                workflow_id=saga_workflow_id,
+                purchase_id=first.purchase_id,
+                detail={
+                    **detail,
+                    "restore_workflow_id": restore_workflow_id,
+                    "user_id": first.user_id,
+                    "product_id": first.product_id,
+                    "restored": len(rows),
+                    "archived_at": archived_at.isoformat(),
+                },
+            )
+            return RestoreOutcome(
+                restored=len(rows),
+                purchase_id=first.purchase_id,
+                user_id=first.user_id,
+                product_id=first.product_id,
+            )
+
+    def purge_expired_snapshots(self, *, cutoff: datetime) -> PurgeOutcome:
+        """Delete archived progress older than the cutoff: it can no longer be restored.
+
+        Args:
+            cutoff: Rows archived before this go (now minus the restore retention).
+
+        Returns:
+            How many rows went, from how many sagas; a ``snapshots_purged`` audit event says
+            the same when any did.
+        """
+        archive = ProgressArchive
+        with self._write() as session:
+            sagas = int(
+                session.scalar(
+                    select(func.count(func.distinct(archive.workflow_id))).where(
+                        archive.archived_at < cutoff
+                    )
+                )
+                or 0
+            )
+            result = session.execute(
+                delete(archive).where(archive.archived_at < cutoff),
+                execution_options={"synchronize_session": False},
+            )
+            deleted = int(result.rowcount or 0)  # type: ignore[attr-defined]
+            if deleted:
+                self._audit(
+                    session,
+                    event="snapshots_purged",
+                    workflow_id=None,
+                    purchase_id=None,
+                    detail={"cutoff": cutoff.isoformat(), "deleted": deleted, "sagas": sagas},
+                )
+            return PurgeOutcome(deleted=deleted, sagas=sagas)
+
+    def record_workflow_end(
+        self,
+        *,
+        workflow_id: str,
+        run_key: str,
+        event: str,
+        purchase_id: int | None,
+        decisions: list[tuple[str, str, dict[str, Any]]],
+        detail: dict[str, Any],
+    ) -> bool:
+        """Write a batch's or a restore's decisions and its end into the trail, once per run.
+
+        Args:
+            workflow_id: The batch or restore workflow.
+            run_key: Tells this execution from an earlier one with the same workflow id; kept
+                in the end event's detail as ``run``.
+            event: Its end event, e.g. ``batch_ended``.
+            purchase_id: The purchase it concerned, if one.
+            decisions: ``(event, actor, detail)`` of each request, approval or rejection.
+            detail: Facts of the end; identifiers and money only.
+
+        Returns:
+            False when this run's end had been recorded already (a retried activity).
+        """
+        with self._write() as session:
+            ended = session.scalars(
+                select(AuditEventRow.detail).where(
+                    AuditEventRow.workflow_id == workflow_id, AuditEventRow.event == event
+                )
+            )
+            if any(held.get("run") == run_key for held in ended):
+                return False
+            for decision, actor, decision_detail in decisions:
+                self._audit(
+                    session,
+                    event=decision,
+                    actor=actor,
+                    workflow_id=workflow_id,
+                    purchase_id=purchase_id,
+                    detail=decision_detail,
+                )
+            self._audit(
+                session,
+                event=event,
+                workflow_id=workflow_id,
+                purchase_id=purchase_id,
+                detail={**detail, "run": run_key},
+            )
+            return True
 
     # -- audit -----------------------------------------------------------------------------
 

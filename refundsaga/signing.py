@@ -1,0 +1,130 @@
+"""Attributable approvals: Ed25519 signatures that bind an approver's decision to one saga."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from refundsaga.contracts import ApprovalDecision
+
+# Domain separation: a signature over a decision is worthless as any other signed message.
+CONTEXT = "refundsaga/approval-decision/v1"
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+
+
+class SigningError(ValueError):
+    """A key file or public key that cannot be used, with what to do about it."""
+
+
+def canonical_message(workflow_id: str, run_id: str, decision: ApprovalDecision) -> bytes:
+    """The exact bytes signed: the saga (workflow and run id) and the whole decision.
+
+    The run id matters: every saga for a purchase has the workflow id `refund-<purchase>`, so
+    without it a signature from an ended saga could be replayed onto the next one.
+    """
+    body = {
+        "context": CONTEXT,
+        "workflow_id": workflow_id,
+        "run_id": run_id,
+        "approver": decision.approver,
+        "approve": decision.approve,
+        "comment": decision.comment,
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def generate_private_key() -> Ed25519PrivateKey:
+    """A new Ed25519 signing key."""
+    return Ed25519PrivateKey.generate()
+
+
+def public_key_b64(private_key: Ed25519PrivateKey) -> str:
+    """The public half as REFUND_APPROVER_PUBLIC_KEYS wants it: base64 of the 32 raw bytes."""
+    raw = private_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return base64.b64encode(raw).decode("ascii")
+
+
+def write_private_key(private_key: Ed25519PrivateKey, path: Path) -> None:
+    """Write the key as unencrypted PKCS#8 PEM, readable by its owner only; never overwrite."""
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    try:
+        # O_EXCL: an existing key may be the only copy of someone's identity.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as err:
+        raise SigningError(f"{path} exists; refusing to overwrite a signing key") from err
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """Read a PEM Ed25519 key written by `write_private_key` (`refund keys generate`)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SigningError(f"cannot read the signing key {path}: {err.strerror}") from err
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as err:
+        raise SigningError(f"{path} is not an unencrypted PEM private key") from err
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningError(f"{path} is not an Ed25519 key; create one with `refund keys generate`")
+    return key
+
+
+def load_public_key(public_key_b64: str) -> Ed25519PublicKey:
+    """A public key from its base64 raw form."""
+    try:
+        raw = base64.b64decode(public_key_b64, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise SigningError("public key is not base64") from err
+    if len(raw) != PUBLIC_KEY_BYTES:
+        raise SigningError(f"public key must be {PUBLIC_KEY_BYTES} bytes, not {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def sign_decision(
+    private_key: Ed25519PrivateKey, workflow_id: str, decision: ApprovalDecision, *, run_id: str
+) -> str:
+    """The base64 signature of a decision on one saga run."""
+    message = canonical_message(workflow_id, run_id, decision)
+    return base64.b64encode(private_key.sign(message)).decode("ascii")
+
+
+def verify_decision(
+    public_key_b64: str, workflow_id: str, decision: ApprovalDecision, *, run_id: str
+) -> bool:
+    """Whether the decision carries a valid signature by this key for this saga run.
+
+    Deterministic and without I/O, so the workflow can call it (it runs again on replay).
+    """
+    if not decision.signature:
+        return False
+    try:
+        public_key = load_public_key(public_key_b64)
+        signature = base64.b64decode(decision.signature, validate=True)
+    except (SigningError, binascii.Error, ValueError):
+        return False
+    if len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        public_key.verify(signature, canonical_message(workflow_id, run_id, decision))
+    except InvalidSignature:
+        return False
+    return True

@@ -1,0 +1,201 @@
+"""Structured logs: JSON lines with the Temporal context flattened, and the redaction net."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from temporalio import activity, workflow
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from refundsaga.logs import (
+    JsonFormatter,
+    RedactingFormatter,
+    TemporalContextFilter,
+    configure_logging,
+    redact,
+)
+
+step_log = logging.getLogger("refundsaga.test_step")
+
+
+class Lines(logging.Handler):
+    """Formats records like the worker's handler does and keeps the JSON lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.addFilter(TemporalContextFilter())
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+    def find(self, msg_start: str) -> dict[str, Any]:
+        (line,) = [line for line in self.lines if line["msg"].startswith(msg_start)]
+        return line
+
+
+@pytest.fixture
+def lines() -> Iterator[Lines]:
+    handler = Lines()
+    loggers = [step_log, activity.logger.logger, workflow.logger.logger]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    yield handler
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _record(msg: str, *args: object, **extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord("refundsaga.x", logging.WARNING, __file__, 1, msg, args, None)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def test_a_record_with_extras_is_one_json_object() -> None:
+    record = _record(
+        "refund %s sent",
+        "re_1",
+        workflow_id="refund-42",
+        purchase_id=42,
+        plan={"amount_cents": 4900, "steps": ["refund", "revoke"]},
+    )
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "refund re_1 sent"
+    assert (entry["level"], entry["logger"]) == ("warning", "refundsaga.x")
+    assert entry["workflow_id"] == "refund-42" and entry["purchase_id"] == 42
+    assert entry["plan"] == {"amount_cents": 4900, "steps": ["refund", "revoke"]}
+    assert entry["ts"].endswith("+00:00")
+
+
+def test_emails_tokens_and_keys_are_masked() -> None:
+    record = _record(
+        "mail %s, sent Authorization: Bearer sk_test_x to %s",
+        "jane.doe@example.org",
+        "postgresql://oasis:hunter2@db.internal/oasis",
+        reason="asked by j.doe+refunds@mail.example.com",
+        headers={"Authorization": "Bearer abc.def", "accept": "json"},
+        processor_api_key="sk_live_123",
+        note=["key rk_test_9 leaked", "fine"],
+    )
+    try:
+        raise RuntimeError("boom for x@example.org with whsec_abc")
+    except RuntimeError:
+        record.exc_info = sys.exc_info()
+    text = JsonFormatter().format(record)
+    entry = json.loads(text)
+    for leaked in ("jane.doe", "j.doe+refunds", "sk_test_x", "hunter2", "abc.def", "sk_live"):
+        assert leaked not in text
+    assert "rk_test_9" not in text and "whsec_abc" not in text and "x@example.org" not in text
+    assert entry["msg"] == (
+        "mail [email], sent Authorization: Bearer [redacted] to "
+        "postgresql://[redacted]@db.internal/oasis"
+    )
+    assert entry["reason"] == "asked by [email]"
+    assert entry["headers"] == {"Authorization": "[redacted]", "accept": "json"}
+    assert entry["processor_api_key"] == "[redacted]"
+    # Identifiers that merely look alike stay readable.
+    assert redact("refund-42 ams_confirmation re_1 12345@worker-host") == (
+        "refund-42 ams_confirmation re_1 12345@worker-host"
+    )
+
+
+def test_the_text_format_is_redacted_too() -> None:
+    line = RedactingFormatter("%(levelname)s %(message)s").format(
+        _record("token Bearer sk_test_x for a@b.org")
+    )
+    assert line == "WARNING token Bearer [redacted] for [email]"
+
+
+async def test_records_in_an_activity_carry_workflow_id_step_and_attempt(lines: Lines) -> None:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(
+        env.info, workflow_id="refund-7", activity_type="refund_at_processor", attempt=2
+    )
+
+    async def step() -> None:
+        step_log.info("plain logger")
+        activity.logger.info("sdk logger")
+
+    await env.run(step)
+    for msg in ("plain logger", "sdk logger"):
+        entry = lines.find(msg)
+        assert (entry["workflow_id"], entry["activity"], entry["attempt"]) == (
+            "refund-7",
+            "refund_at_processor",
+            2,
+        )
+        assert "temporal_activity" not in entry
+
+
+@activity.defn(name="log_test_step")
+async def log_test_step() -> None:
+    step_log.info("inside the activity", extra={"purchase_id": 7})
+
+
+@workflow.defn(name="LogTestWorkflow")
+class LogTestWorkflow:
+    @workflow.run
+    async def run(self) -> None:
+        workflow.logger.info("inside the workflow")
+        await workflow.execute_activity(log_test_step, start_to_close_timeout=timedelta(seconds=10))
+
+
+async def test_workflow_and_activity_records_on_a_real_worker(
+    time_env: WorkflowEnvironment, lines: Lines
+) -> None:
+    task_queue = f"log-test-{uuid.uuid4().hex[:8]}"
+    workflow_id = f"log-test-{uuid.uuid4().hex[:8]}"
+    async with Worker(
+        time_env.client,
+        task_queue=task_queue,
+        workflows=[LogTestWorkflow],
+        activities=[log_test_step],
+        # The saga's own runner: the filter and formatter must work inside the sandbox too.
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules("tests", "pytest")
+        ),
+    ):
+        await time_env.client.execute_workflow(
+            LogTestWorkflow.run, id=workflow_id, task_queue=task_queue
+        )
+    in_workflow = lines.find("inside the workflow")
+    assert in_workflow["workflow_id"] == workflow_id
+    assert in_workflow["workflow_type"] == "LogTestWorkflow" and in_workflow["run_id"]
+    in_activity = lines.find("inside the activity")
+    assert in_activity["workflow_id"] == workflow_id
+    assert (in_activity["activity"], in_activity["attempt"]) == ("log_test_step", 1)
+    assert in_activity["purchase_id"] == 7
+
+
+def test_configure_logging_json(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    saved_flags = (
+        activity.logger.activity_info_on_message,
+        workflow.logger.workflow_info_on_message,
+    )
+    try:
+        configure_logging("json")
+        logging.getLogger("refundsaga.worker").info("worker started", extra={"task_queue": "q"})
+        assert not activity.logger.activity_info_on_message
+    finally:
+        root.handlers[:], root.level = saved
+        activity.logger.activity_info_on_message = saved_flags[0]
+        workflow.logger.workflow_info_on_message = saved_flags[1]
+    entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert (entry["msg"], entry["task_queue"]) == ("worker started", "q")

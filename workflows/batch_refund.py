@@ -1,0 +1,593 @@
+"""The BatchRefund workflow: one approval for a whole batch, then one RefundSaga per purchase.
+
+Orchestration only. The batch plans (an activity records each purchase's plan in the store),
+asks for one approval of the total under the saga's policy, then starts a child RefundSaga per
+included purchase, already approved by the batch, under a window (children running at once)
+and a rate limit (children started per second, paced with durable timers on workflow time).
+
+Children report to the batch by signal, addressed to the batch's workflow id, so the reports
+reach whichever run is current: the batch never waits on a child's result, and it continues as
+new whenever its history grows, carrying only counters and its cursor, with children still in
+flight. A child waiting for people (an AMS confirmation, ops) frees its window slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
+from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
+
+from workflows.refund_saga import RefundSaga
+
+with workflow.unsafe.imports_passed_through():
+    from activities.batch_activities import BatchActivities
+    from activities.refund_activities import RefundActivities
+    from refundsaga.approval import refusal_reason
+    from refundsaga.batch import (
+        describe_summary,
+        keep_recent,
+        starts_allowed,
+        wait_for_start,
+    )
+    from refundsaga.contracts import (
+        BATCH_REPORT_SIGNAL,
+        ApprovalDecision,
+        ApprovalRecord,
+        BatchApproval,
+        BatchCarry,
+        BatchChildReport,
+        BatchCloseInput,
+        BatchIssue,
+        BatchItem,
+        BatchPageInput,
+        BatchPlanInput,
+        BatchRefundInput,
+        BatchState,
+        BatchStatus,
+        BatchSummary,
+        DecisionReceipt,
+        IgnoredMessage,
+        Notification,
+        NotificationKind,
+        RefundRequest,
+        SagaState,
+        TimelineEntry,
+        WaitingFor,
+        format_money,
+    )
+    from refundsaga.search_attributes import (
+        REFUND_AMOUNT_CENTS,
+        REFUND_STATE,
+        REQUESTED_BY,
+        WAITING_FOR,
+    )
+
+# Planning reads every charge: minutes for a large batch. A worker that dies mid-planning is
+# noticed by the missed heartbeat, and the plan is made again (it replaces its own rows).
+PLAN_TIMEOUT = timedelta(hours=2)
+PLAN_HEARTBEAT = timedelta(minutes=2)
+STORE_TIMEOUT = timedelta(seconds=30)
+# Store reads and writes are retried until they succeed: a batch must not fail for an outage.
+STORE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1)
+)
+PLAN_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    maximum_interval=timedelta(minutes=2),
+    maximum_attempts=5,
+    non_retryable_error_types=["ProcessorAuthError", "ProcessorRejected"],
+)
+PAGE_SIZE = 250
+# Continue as new well before Temporal's limits (50,000 events): a long batch stays cheap to
+# replay, and a worker restart replays one page of it, not all of it.
+MAX_HISTORY_EVENTS = 8_000
+# The query result stays small: counts are exact, these lists keep the latest.
+MAX_LISTED = 100
+MAX_TIMELINE = 60
+
+
+def _error_text(err: BaseException) -> str:
+    """The innermost message of an activity failure: what a person needs to read."""
+    cause: BaseException | None = err
+    while isinstance(cause, ActivityError) and cause.cause is not None:
+        cause = cause.cause
+    if isinstance(cause, ApplicationError):
+        return f"{cause.type or 'Error'}: {cause.message}"
+    return str(cause)
+
+
+def _child_id(purchase_id: int) -> str:
+    # The same id as a saga started by `refund start` (operations.workflow_id_for): one saga
+    # per purchase at a time, whoever starts it.
+    return f"refund-{purchase_id}"
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    # Children report by signal; their results are not needed, but an unretrieved failure
+    # (a child cancelled by ops) would be logged as an error.
+    if not task.cancelled():
+        task.exception()
+
+
+@workflow.defn
+class BatchRefund:
+    """Refund every purchase of a batch with one approval, under a window and a rate limit."""
+
+    @workflow.init
+    def __init__(self, inp: BatchRefundInput) -> None:
+        self._input = inp
+        now = workflow.now()
+        # The rate limit's window: when the latest sagas started (workflow time).
+        self._recent_starts: list[datetime] = []
+        if inp.carry is not None:
+            self._status = inp.carry.status.model_copy(deep=True)
+            self._status.runs += 1
+            self._recent_starts = list(inp.carry.recent_starts)
+        else:
+            info = workflow.info()
+            self._status = BatchStatus(
+                workflow_id=info.workflow_id,
+                # Batch ids repeat (one per product at a time): the first run names the plan.
+                plan_id=f"{info.workflow_id}/{info.run_id}",
+                state=BatchState.PLANNING,
+                product_id=inp.product_id,
+                requested_by=inp.requested_by,
+                reason=inp.reason,
+                started_at=now,
+            )
+        self._rejected_by: str | None = None
+
+    # --- the batch ------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, inp: BatchRefundInput) -> BatchStatus:
+        if inp.carry is None:
+            try:
+                summary = await self._plan(inp)
+                if not await self._approve(summary):
+                    return await self._end(self._status.state)
+            except ActivityError as err:
+                self._status.error = f"planning failed: {_error_text(err)}; nothing changed"
+                return await self._end(BatchState.FAILED)
+            except asyncio.CancelledError:
+                self._status.error = "cancelled before any refund started; nothing changed"
+                await self._end(BatchState.CANCELLED)
+                raise
+            self._start_running(summary)
+        try:
+            return await self._run_children()
+        except asyncio.CancelledError:
+            self._status.error = (
+                "cancelled: no more sagas start; the sagas already started finish on their own"
+            )
+            await self._end(BatchState.CANCELLED)
+            raise
+
+    async def _plan(self, inp: BatchRefundInput) -> BatchSummary:
+        self._set_state(BatchState.PLANNING)
+        summary: BatchSummary = await workflow.execute_activity_method(
+            BatchActivities.plan_batch,
+            BatchPlanInput(
+                batch_id=self._status.plan_id,
+                product_id=inp.product_id,
+                purchase_ids=inp.purchase_ids,
+                window=inp.window,
+                rate_per_s=inp.rate_per_s,
+            ),
+            start_to_close_timeout=PLAN_TIMEOUT,
+            heartbeat_timeout=PLAN_HEARTBEAT,
+            retry_policy=PLAN_RETRY,
+            summary="plan the batch: store and processor",
+        )
+        self._status.summary = summary
+        self._status.required_approvals = summary.required_approvals
+        self._status.counts.pending = summary.included
+        self._mark("plan", describe_summary(summary))
+        self._upsert_search_attributes()
+        return summary
+
+    # --- one approval for the whole batch ----------------------------------------------------
+
+    async def _approve(self, summary: BatchSummary) -> bool:
+        if summary.included == 0:
+            self._mark("approve", "nothing to refund: no approval needed", "policy")
+            return True
+        if summary.required_approvals == 0:
+            self._mark("approve", "auto-approved below the policy threshold", "policy")
+            return True
+        policy = summary.policy
+        self._set_state(BatchState.AWAITING_APPROVAL, WaitingFor.APPROVAL)
+        await self._notify("approval_requested", describe_summary(summary))
+        deadline = workflow.now() + policy.approval_timeout
+        while not self._approved() and self._rejected_by is None:
+            remaining = deadline - workflow.now()
+            if remaining <= timedelta(0):
+                self._status.error = f"no decision within {policy.approval_timeout}"
+                self._set_state(BatchState.EXPIRED)
+                self._mark("approve", "expired: nothing changed", "policy")
+                return False
+            try:
+                await workflow.wait_condition(
+                    lambda: self._approved() or self._rejected_by is not None,
+                    timeout=min(remaining, policy.reminder_every),
+                    timeout_summary="approval reminder",
+                )
+            except TimeoutError:
+                if workflow.now() < deadline:
+                    await self._notify("approval_reminder", "the batch still waits for approval")
+        if self._rejected_by is not None:
+            self._set_state(BatchState.REJECTED)
+            return False
+        return True
+
+    def _approved(self) -> bool:
+        required = self._status.required_approvals or 0
+        return sum(1 for a in self._status.approvals if a.approve) >= required
+
+    def _decision_refusal(self, decision: ApprovalDecision) -> str | None:
+        summary = self._status.summary
+        if self._status.state != BatchState.AWAITING_APPROVAL or summary is None:
+            return f"the batch is {self._status.state.value}, not waiting for approval"
+        info = workflow.info()
+        return refusal_reason(
+            summary.policy,
+            approver=decision.approver,
+            requested_by=self._status.requested_by,
+            decisions=self._status.approvals,
+            decision=decision,
+            workflow_id=info.workflow_id,
+            run_id=info.run_id,
+        )
+
+    def _apply_decision(self, decision: ApprovalDecision) -> None:
+        self._status.approvals.append(
+            ApprovalRecord(
+                approver=decision.approver,
+                approve=decision.approve,
+                at=workflow.now(),
+                comment=decision.comment,
+                signature=decision.signature,
+            )
+        )
+        verb = "approved" if decision.approve else "rejected"
+        comment = f": {decision.comment}" if decision.comment else ""
+        self._mark("approve", f"{verb} the batch{comment}", decision.approver)
+        if not decision.approve:
+            self._rejected_by = decision.approver
+
+    @workflow.signal
+    def approve(self, decision: ApprovalDecision) -> None:
+        """Approve the batch (fire and forget; a refused approval is recorded as ignored)."""
+        self._signal_decision(decision.model_copy(update={"approve": True}))
+
+    @workflow.signal
+    def reject(self, decision: ApprovalDecision) -> None:
+        """Reject the batch: nothing changes, it ends REJECTED."""
+        self._signal_decision(decision.model_copy(update={"approve": False}))
+
+    def _signal_decision(self, decision: ApprovalDecision) -> None:
+        reason = self._decision_refusal(decision)
+        if reason:
+            self._ignore("approve" if decision.approve else "reject", decision.approver, reason)
+        else:
+            self._apply_decision(decision)
+
+    @workflow.update
+    async def decide(self, decision: ApprovalDecision) -> DecisionReceipt:
+        """Approve or reject the whole batch; `refund approve <batch id>` sends this."""
+        self._apply_decision(decision)
+        return DecisionReceipt(
+            # The batch is still waiting while the update runs; the run loop moves it on.
+            state=SagaState.AWAITING_APPROVAL,
+            approvals=sum(1 for a in self._status.approvals if a.approve),
+            required_approvals=self._status.required_approvals,
+            message="approved the batch" if decision.approve else "rejected the batch",
+        )
+
+    @decide.validator
+    def _validate_decide(self, decision: ApprovalDecision) -> None:
+        reason = self._decision_refusal(decision)
+        if reason:
+            raise ValueError(reason)
+
+    # --- the children, under the window and the rate limit ------------------------------------
+
+    def _start_running(self, summary: BatchSummary) -> None:
+        self._status.running_since = workflow.now()
+        self._set_state(BatchState.RUNNING)
+        self._mark(
+            "run",
+            f"starting {summary.included} saga(s): at most {summary.window} running, "
+            f"{summary.rate_per_s:g} started per second",
+        )
+
+    async def _run_children(self) -> BatchStatus:
+        summary = self._status.summary
+        assert summary is not None
+        counts = self._status.counts
+        page: list[BatchItem] = []
+        exhausted = counts.pending == 0
+        starts = 0
+        while True:
+            if not page and not exhausted:
+                page = await self._next_page()
+                exhausted = not page
+                if exhausted:
+                    # Whatever was not handed out is not in the plan any more.
+                    counts.pending = 0
+            if page:
+                await workflow.wait_condition(lambda: counts.running < summary.window)
+                wanted = min(
+                    len(page),
+                    summary.window - counts.running,
+                    self._input.starts_per_run - starts,
+                )
+                burst = page[: await self._admit(summary.rate_per_s, wanted)]
+                del page[: len(burst)]
+                # One workflow task starts the whole burst.
+                await asyncio.gather(*(self._start_child(item) for item in burst))
+                self._status.cursor = burst[-1].purchase_id
+                starts += len(burst)
+                if starts >= self._input.starts_per_run or self._history_is_long():
+                    await self._continue_as_new()
+                continue
+            if counts.open == 0:
+                break
+            # Everything has started: wait for the open sagas' last reports.
+            await workflow.wait_condition(lambda: counts.open == 0 or self._history_is_long())
+            if counts.open:
+                await self._continue_as_new()
+        return await self._end(BatchState.COMPLETED)
+
+    async def _next_page(self) -> list[BatchItem]:
+        items: list[BatchItem] = await workflow.execute_activity_method(
+            BatchActivities.batch_page,
+            BatchPageInput(
+                batch_id=self._status.plan_id,
+                after_purchase_id=self._status.cursor,
+                limit=min(PAGE_SIZE, self._input.starts_per_run),
+            ),
+            start_to_close_timeout=STORE_TIMEOUT,
+            retry_policy=STORE_RETRY,
+            summary=f"next purchases after {self._status.cursor}",
+        )
+        return items
+
+    async def _admit(self, rate_per_s: float, wanted: int) -> int:
+        """Wait until the rate limit lets sagas start (durable timers); how many may, now."""
+        while True:
+            now = workflow.now()
+            allowed = starts_allowed(self._recent_starts, now, rate_per_s, wanted)
+            if allowed:
+                self._recent_starts = keep_recent(
+                    [*self._recent_starts, *([now] * allowed)], rate_per_s
+                )
+                return allowed
+            await workflow.sleep(
+                wait_for_start(self._recent_starts, now, rate_per_s), summary="rate limit"
+            )
+
+    async def _start_child(self, item: BatchItem) -> None:
+        counts = self._status.counts
+        counts.pending -= 1
+        counts.running += 1
+        info = workflow.info()
+        request = RefundRequest(
+            purchase_id=item.purchase_id,
+            reason=self._status.reason,
+            requested_by=self._status.requested_by,
+            batch_approval=BatchApproval(
+                batch_workflow_id=info.workflow_id,
+                approvals=self._status.approvals,
+                max_amount_cents=item.amount_cents,
+            ),
+        )
+        try:
+            handle = await workflow.start_child_workflow(
+                RefundSaga.run,
+                request,
+                id=_child_id(item.purchase_id),
+                # The sagas are independent once started: past the pivot they must finish
+                # whatever happens to the batch, and they outlive each run of it.
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                cancellation_type=workflow.ChildWorkflowCancellationType.ABANDON,
+                static_summary=(
+                    f"Batch {info.workflow_id}: refund purchase {item.purchase_id}, "
+                    f"{format_money(item.amount_cents, item.currency)}"
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            counts.running -= 1
+            counts.skipped += 1
+            self._issue(
+                item.purchase_id,
+                "skipped",
+                f"a refund saga is already running as {_child_id(item.purchase_id)}: it goes "
+                "on on its own",
+            )
+            return
+        handle.add_done_callback(_forget)
+
+    @workflow.signal(name=BATCH_REPORT_SIGNAL)
+    def child_report(self, report: BatchChildReport) -> None:
+        """A child saga moved between buckets (running, waiting, needs attention, ended)."""
+        counts = self._status.counts
+        held = getattr(counts, report.previous)
+        if held <= 0 or report.workflow_id != _child_id(report.purchase_id):
+            # Not a child this batch counts where the report says: never let counts go wrong.
+            self._ignore("child_report", report.workflow_id, "no such child in that bucket")
+            return
+        setattr(counts, report.previous, held - 1)
+        setattr(counts, report.current, getattr(counts, report.current) + 1)
+        if report.previous == "needs_attention" and report.purchase_id in self._status.attention:
+            self._status.attention.remove(report.purchase_id)
+        if report.current == "needs_attention" and len(self._status.attention) < MAX_LISTED:
+            self._status.attention.append(report.purchase_id)
+        if report.current == "done":
+            counts.refunded_cents += report.refunded_cents
+        if report.current == "failed":
+            self._issue(report.purchase_id, report.state.value, report.error)
+        self._set_details()
+
+    def _issue(self, purchase_id: int, outcome: str, reason: str | None) -> None:
+        self._status.issues.append(
+            BatchIssue(purchase_id=purchase_id, outcome=outcome, reason=reason)
+        )
+        del self._status.issues[:-MAX_LISTED]
+
+    def _history_is_long(self) -> bool:
+        info = workflow.info()
+        return (
+            info.get_current_history_length() >= MAX_HISTORY_EVENTS
+            or info.is_continue_as_new_suggested()
+        )
+
+    async def _continue_as_new(self) -> None:
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        counts = self._status.counts
+        self._mark(
+            "continue",
+            f"run {self._status.runs} ends at purchase {self._status.cursor}: "
+            f"{counts.pending} to start, {counts.open} open",
+        )
+        workflow.continue_as_new(
+            BatchRefundInput(
+                product_id=self._input.product_id,
+                reason=self._input.reason,
+                requested_by=self._input.requested_by,
+                window=self._input.window,
+                rate_per_s=self._input.rate_per_s,
+                starts_per_run=self._input.starts_per_run,
+                carry=BatchCarry(status=self._status, recent_starts=self._recent_starts),
+            )
+        )
+
+    # --- the end ---------------------------------------------------------------------------
+
+    async def _end(self, state: BatchState) -> BatchStatus:
+        self._status.finished_at = workflow.now()
+        self._set_state(state)
+        counts = self._status.counts
+        summary = self._status.summary
+        await workflow.execute_activity_method(
+            BatchActivities.close_batch,
+            BatchCloseInput(
+                batch_id=workflow.info().workflow_id,
+                plan_id=self._status.plan_id,
+                state=state,
+                approvals=self._status.approvals,
+                detail={
+                    "product_id": self._status.product_id,
+                    "requested_by": self._status.requested_by,
+                    "included": summary.included if summary else 0,
+                    "skipped_at_planning": summary.skipped if summary else 0,
+                    "total_cents": summary.total_cents if summary else 0,
+                    "done": counts.done,
+                    "failed": counts.failed,
+                    "skipped": counts.skipped,
+                    "not_started": counts.pending,
+                    "open": counts.open,
+                    "refunded_cents": counts.refunded_cents,
+                    "runs": self._status.runs,
+                    "error": self._status.error,
+                },
+            ),
+            start_to_close_timeout=STORE_TIMEOUT,
+            retry_policy=STORE_RETRY,
+            summary=f"close the batch as {state.value}",
+        )
+        self._mark("end", f"{state.value}: {counts.done} done, {counts.failed} failed")
+        await self._notify(
+            "saga_ended",
+            f"batch ended {state.value}: {counts.done} done, {counts.failed} failed, "
+            f"{counts.skipped} skipped",
+        )
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self._status
+
+    # --- progress, search attributes, notes -----------------------------------------------------
+
+    @workflow.query
+    def progress(self) -> BatchStatus:
+        """How far the batch is: pending, running, waiting, needing attention, done, failed."""
+        return self._status
+
+    def _set_state(self, state: BatchState, waiting_for: WaitingFor | None = None) -> None:
+        changed = state != self._status.state or waiting_for != self._status.waiting_for
+        self._status.state = state
+        if waiting_for != self._status.waiting_for:
+            self._status.waiting_since = workflow.now() if waiting_for else None
+        self._status.waiting_for = waiting_for
+        if changed or state == BatchState.PLANNING:
+            self._upsert_search_attributes()
+        self._set_details()
+
+    def _upsert_search_attributes(self) -> None:
+        # The saga's attributes, so that `RefundState="AWAITING_APPROVAL"` in the UI lists
+        # batches waiting for approval beside single sagas.
+        updates: list[SearchAttributeUpdate[Any]] = [
+            REFUND_STATE.value_set(self._status.state.value),
+            WAITING_FOR.value_set(
+                self._status.waiting_for.value if self._status.waiting_for else "none"
+            ),
+            REQUESTED_BY.value_set(self._status.requested_by),
+        ]
+        if self._status.summary is not None:
+            updates.append(REFUND_AMOUNT_CENTS.value_set(self._status.summary.total_cents))
+        workflow.upsert_search_attributes(updates)
+
+    def _set_details(self) -> None:
+        s = self._status
+        c = s.counts
+        lines = [f"**State:** {s.state.value}"]
+        if s.summary:
+            lines.append(f"**Plan:** {describe_summary(s.summary)}")
+        if s.approvals:
+            lines.append("**Approved by:** " + ", ".join(a.approver for a in s.approvals))
+        lines.append(
+            f"**Progress:** {c.done} done, {c.running} running, {c.waiting} waiting, "
+            f"{c.needs_attention} needing attention, {c.failed} failed, {c.pending} to start, "
+            f"{c.skipped} skipped"
+        )
+        if s.error:
+            lines.append(f"**Error:** {s.error}")
+        workflow.set_current_details("\n\n".join(lines))
+
+    def _mark(self, step: str, outcome: str, actor: str = "batch") -> None:
+        self._status.timeline.append(
+            TimelineEntry(at=workflow.now(), step=step, actor=actor, outcome=outcome)
+        )
+        del self._status.timeline[:-MAX_TIMELINE]
+
+    def _ignore(self, kind: str, by: str, reason: str) -> None:
+        self._status.ignored.append(
+            IgnoredMessage(kind=kind, by=by, at=workflow.now(), reason=reason)
+        )
+        del self._status.ignored[:-MAX_LISTED]
+        workflow.logger.info("ignored %s: %s", kind, reason)
+
+    async def _notify(self, kind: NotificationKind, text: str) -> None:
+        try:
+            await self._send_notification(kind, text)
+        except ActivityError as err:
+            # A lost notification must not stop or fail a batch.
+            workflow.logger.warning("notification %s lost: %s", kind, _error_text(err))
+
+    async def _send_notification(self, kind: NotificationKind, text: str) -> None:
+        await workflow.execute_activity_method(
+            RefundActivities.notify,
+            Notification(
+                kind=kind,
+                workflow_id=workflow.info().workflow_id,
+                # A batch concerns many purchases: 0 stands for "see the batch".
+                purchase_id=0,
+                text=text,
+            ),
+            start_to_close_timeout=timedelta(seconds=20),
+            retry_policy=RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=30)),
+            summary=f"notify: {kind}",
+        )
