@@ -372,14 +372,10 @@ async def test_sagas_waiting_for_people_do_not_stop_the_others(batch_world: Saga
     assert stuck.state == BatchState.RUNNING and stuck.counts.running == 0
     assert stuck.attention == [broken.purchase_id]
 
-    await world.client.get_workflow_handle_for(
-        RefundSaga.run, f"refund-{broken.purchase_id}"
-    ).execute_update(
+    await world.client.get_workflow_handle(f"refund-{broken.purchase_id}").execute_update(
         RefundSaga.resolve_attention, Resolution(action="abort", operator="olivia", note="AMS case")
     )
-    await world.client.get_workflow_handle_for(
-        RefundSaga.run, f"refund-{manual.purchase_id}"
-    ).execute_update(
+    await world.client.get_workflow_handle(f"refund-{manual.purchase_id}").execute_update(
         RefundSaga.confirm_ams, AmsConfirmation(operator="olivia", ams_reference="AMS-CASE-9")
     )
     result = await handle.result()
