@@ -31,10 +31,11 @@ demo: install
 test: install
 	$(VENV)/bin/pytest -q
 
-# Re-record the saga histories the replay test checks (after an intended workflow change
-# that is guarded by workflow.patched, keep the old files too).
+# Re-record the current version's saga histories (tests/fixtures/temporal.py HISTORIES); the
+# older versions' directories stay and keep replaying. A change of the workflow's commands gets
+# workflow.patched and a new directory.
 histories: install
-	rm -f tests/histories/*.json
+	rm -f tests/histories/v2-local-store-steps/*.json
 	REFUND_RECORD_HISTORIES=1 $(VENV)/bin/pytest -q tests/test_saga.py
 
 # N sagas with faults, worker kills and a Temporal restart; checks the invariants.

@@ -88,6 +88,9 @@ AMS_MODES: dict[str, Literal["api", "manual", "oasis"]] = {
     "oasis": "oasis",
 }
 
+# Patch id: store-only steps became local activities (old histories keep regular ones).
+LOCAL_STORE_STEPS = "store-steps-as-local-activities"
+
 STORE_TIMEOUT = timedelta(seconds=30)
 # An external call the worker died in is retried after this; the clients time out sooner.
 HTTP_TIMEOUT = timedelta(seconds=20)
@@ -506,13 +509,11 @@ class RefundSaga:
         )
         await self._attempt(
             "record",
-            lambda: workflow.execute_activity_method(
+            lambda: self._store_step(
                 RefundActivities.record_refunds,
                 RecordRefundsInput(
                     workflow_id=info.workflow_id, purchase_id=plan.purchase_id, entries=[entry]
                 ),
-                start_to_close_timeout=STORE_TIMEOUT,
-                retry_policy=STEP_RETRY,
                 summary="record the refund in the OASIS ledger",
             ),
         )
@@ -548,7 +549,7 @@ class RefundSaga:
         self._set_state(SagaState.REVOKING)
         result = await self._attempt(
             "revoke",
-            lambda: workflow.execute_activity_method(
+            lambda: self._store_step(
                 RefundActivities.revoke_progress,
                 RevokeInput(
                     workflow_id=workflow.info().workflow_id,
@@ -556,8 +557,6 @@ class RefundSaga:
                     user_id=plan.user_id,
                     product_id=plan.product_id,
                 ),
-                start_to_close_timeout=STORE_TIMEOUT,
-                retry_policy=STEP_RETRY,
                 summary="archive then delete course progress",
             ),
             skipped=None,
@@ -601,11 +600,9 @@ class RefundSaga:
             self._set_state(SagaState.DEENTITLING)
             await self._attempt(
                 "deentitle",
-                lambda: workflow.execute_activity_method(
+                lambda: self._store_step(
                     RefundActivities.deactivate_purchase,
                     DeactivateInput(workflow_id=info.workflow_id, purchase_id=plan.purchase_id),
-                    start_to_close_timeout=STORE_TIMEOUT,
-                    retry_policy=STEP_RETRY,
                     summary="end the OASIS purchase's entitlement",
                 ),
                 skipped=None,
@@ -747,11 +744,9 @@ class RefundSaga:
         )
         await self._attempt(
             "complete",
-            lambda: workflow.execute_activity_method(
+            lambda: self._store_step(
                 RefundActivities.close_saga,
                 close,
-                start_to_close_timeout=STORE_TIMEOUT,
-                retry_policy=STEP_RETRY,
                 summary=f"close the saga as {state.value}",
             ),
             skipped=None,
@@ -763,6 +758,29 @@ class RefundSaga:
             await self._batch_reports
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._status
+
+    def _store_step(self, activity: Callable[..., Any], arg: Any, *, summary: str) -> Any:
+        """A store-only step: short, idempotent, no external call, so a local activity.
+
+        It runs in the worker that holds the workflow, saving the three activity events and a
+        workflow task round trip of a regular activity (see bench/README.md). Sagas started
+        before this change keep their regular activities (workflow.patched).
+        """
+        if workflow.patched(LOCAL_STORE_STEPS):
+            return workflow.execute_local_activity_method(
+                activity,
+                arg,
+                start_to_close_timeout=STORE_TIMEOUT,
+                retry_policy=STEP_RETRY,
+                summary=summary,
+            )
+        return workflow.execute_activity_method(
+            activity,
+            arg,
+            start_to_close_timeout=STORE_TIMEOUT,
+            retry_policy=STEP_RETRY,
+            summary=summary,
+        )
 
     # --- NEEDS_ATTENTION ----------------------------------------------------------------------
 
