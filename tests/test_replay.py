@@ -44,9 +44,7 @@ def test_there_are_recorded_histories_of_every_end(version: str) -> None:
     assert ends >= {"COMPLETED", "REJECTED", "EXPIRED", "FAILED", "CANCELLED"}
 
 
-@pytest.mark.parametrize(
-    "path", HISTORIES, ids=[f"{p.parent.name}/{p.stem}" for p in HISTORIES]
-)
+@pytest.mark.parametrize("path", HISTORIES, ids=[f"{p.parent.name}/{p.stem}" for p in HISTORIES])
 async def test_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(workflows=[RefundSaga], data_converter=pydantic_data_converter)
