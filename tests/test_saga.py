@@ -353,9 +353,7 @@ async def test_ams_outage_needs_attention_then_ops_retry_completes(world: SagaWo
     await world.wait_for(handle, SagaState.AWAITING_APPROVAL)
     world.ams.set_faults(error_rate=1.0, seed=1, paths=["/v1/members"])
     await handle.execute_update(RefundSaga.decide, ApprovalDecision(approver="bob"))
-    status = await world.wait_for(
-        handle, SagaState.NEEDS_ATTENTION, skip_time=True, tries=4000
-    )
+    status = await world.wait_for(handle, SagaState.NEEDS_ATTENTION, skip_time=True, tries=4000)
     assert status.error is not None and status.error.startswith("deentitle")
     assert "needs_attention" in world.notifier.kinds(handle.id)
     # The money moved exactly once, and stays moved.
