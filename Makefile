@@ -38,6 +38,11 @@ histories: install
 	rm -f tests/histories/v2-local-store-steps/*.json
 	REFUND_RECORD_HISTORIES=1 $(VENV)/bin/pytest -q tests/test_saga.py
 
+# Saga vs a no-op baseline on a stack of its own (bench/README.md); N defaults to 500 here.
+bench: N = 500
+bench: install
+	$(PY) -m bench.bench --n $(N)
+
 # N sagas with faults, worker kills and a Temporal restart; checks the invariants.
 chaos: install
 	$(PY) -m reliability.chaos --n $(N) --seed $(SEED)

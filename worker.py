@@ -72,6 +72,7 @@ def build_worker(client: Client, settings: Settings, activities: RefundActivitie
         activities=[*activities.all(), *BatchActivities.alongside(activities, settings).all()],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        max_cached_workflows=settings.max_cached_workflows,
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
     )
 

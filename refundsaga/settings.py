@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     metrics_address: str | None = Field(default=None, description="host:port for Prometheus")
     max_concurrent_activities: int = 50
     max_concurrent_workflow_tasks: int = 50
+    # The SDK's default is 1,000; at ~0.26 MiB a cached saga that is most of a worker's memory
+    # when thousands wait for approval (bench/README.md, parked sagas).
+    max_cached_workflows: int = Field(default=500, ge=0)
     log_format: Literal["auto", "json", "text"] = "auto"
 
     @field_validator(

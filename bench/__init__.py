@@ -1,0 +1,1 @@
+"""Benchmarks of the RefundSaga on its own embedded stack; see bench/README.md."""

@@ -1,0 +1,123 @@
+"""The bench's no-op baseline workflow, its activities, and the bench's own worker process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from datetime import timedelta
+
+from temporalio import activity, workflow
+from temporalio.common import RetryPolicy
+from temporalio.worker import Worker
+
+# The standard saga with auto-approval runs seven activities: prepare, refund, record, revoke,
+# deentitle, verify, close. The baseline runs as many, so the ratio compares the saga's own
+# overhead (search attributes, payloads, real I/O) with Temporal's floor for that shape.
+STANDARD_SAGA_ACTIVITIES = 7
+BASELINE_WORKFLOW = "BenchBaseline"
+BASELINE_SA_WORKFLOW = "BenchBaselineSearchAttributes"
+GO_SIGNAL = "go"
+# The standard saga upserts its search attributes six times (each state it passes through).
+SAGA_UPSERTS = 6
+
+
+@activity.defn(name="bench_noop_step")
+async def noop_step(step: int) -> int:
+    """A plain activity that does nothing: what remains is Temporal's cost of one step."""
+    return step
+
+
+@workflow.defn(name=BASELINE_WORKFLOW)
+class BenchBaseline:
+    """Waits for one signal, then runs `steps` no-op activities one after another."""
+
+    def __init__(self) -> None:
+        self._go = False
+
+    @workflow.run
+    async def run(self, steps: int) -> int:
+        await workflow.wait_condition(lambda: self._go)
+        for step in range(steps):
+            await workflow.execute_activity(
+                noop_step,
+                step,
+                start_to_close_timeout=timedelta(seconds=20),
+                retry_policy=RetryPolicy(maximum_attempts=8),
+            )
+        return steps
+
+    @workflow.signal(name=GO_SIGNAL)
+    def go(self) -> None:
+        self._go = True
+
+
+@workflow.defn(name=BASELINE_SA_WORKFLOW)
+class BenchBaselineSearchAttributes:
+    """The baseline plus the saga's search-attribute upserts: isolates what they cost."""
+
+    def __init__(self) -> None:
+        self._go = False
+
+    @workflow.run
+    async def run(self, steps: int) -> int:
+        from refundsaga.search_attributes import REFUND_STATE
+
+        await workflow.wait_condition(lambda: self._go)
+        for step in range(steps):
+            if step < SAGA_UPSERTS:
+                workflow.upsert_search_attributes([REFUND_STATE.value_set(f"STEP_{step}")])
+            await workflow.execute_activity(
+                noop_step,
+                step,
+                start_to_close_timeout=timedelta(seconds=20),
+                retry_policy=RetryPolicy(maximum_attempts=8),
+            )
+        return steps
+
+    @workflow.signal(name=GO_SIGNAL)
+    def go(self) -> None:
+        self._go = True
+
+
+async def _serve(baseline_queue: str) -> None:
+    # Imported here: a test that only needs the workflow classes should not load settings.
+    from refundsaga.settings import get_settings
+    from refundsaga.temporal import connect
+
+    settings = get_settings()
+    client = await connect(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    # Same concurrency limits as the stack's saga worker, so neither side gets more slots.
+    worker = Worker(
+        client,
+        task_queue=baseline_queue,
+        workflows=[BenchBaseline, BenchBaselineSearchAttributes],
+        activities=[noop_step],
+        max_concurrent_activities=settings.max_concurrent_activities,
+        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+    )
+    async with worker:
+        print("bench worker polling", baseline_queue, flush=True)
+        await stop.wait()
+
+
+def main() -> None:
+    """`python -m bench.baseline --task-queue Q`: the bench's worker for the baselines.
+
+    It reads `REFUND_*` from the environment like the stack's worker does.
+    """
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--task-queue", required=True)
+    parser.add_argument("--bench-worker-tag", default="", help="labels the process in `ps`")
+    args = parser.parse_args()
+    asyncio.run(_serve(args.task_queue))
+
+
+if __name__ == "__main__":
+    from refundsaga.temporal import run_and_exit
+
+    run_and_exit(main)

@@ -1,0 +1,56 @@
+"""The bench still runs: one tiny repetition on its own stack, and its report's shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.bench import jsonable, percentile, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+HEADLINE_KEYS = (
+    "saga_per_s",
+    "baseline_per_s",
+    "throughput_ratio",
+    "saga_p95_ms",
+    "baseline_p95_ms",
+    "history_events_per_saga",
+    "errors",
+)
+
+
+def test_percentile_and_summary() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50
+    assert percentile(values, 95) == 95
+    assert percentile(values, 99) == 99
+    assert summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+    assert jsonable({"x": [float("nan"), 1.0]}) == {"x": [None, 1.0]}
+
+
+@pytest.mark.devserver
+def test_bench_runs_once(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    # A subprocess: the bench sets REFUND_AUTO_APPROVE_BELOW_CENTS in its own environment for
+    # its stack's worker, which must not leak into the other tests' stacks.
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench", "--n", "5", "--reps", "1", "--json-out", str(out)],
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in HEADLINE_KEYS:
+        assert key in report, key
+    assert report["errors"] == 0
+    assert report["saga_per_s"] > 0 and report["baseline_per_s"] > 0
+    assert report["history_events_per_saga"] > 0
+    assert {"saga", "baseline"} <= set(report["figures"])
