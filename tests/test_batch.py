@@ -53,13 +53,19 @@ from refundsaga.processor import ProcessorCharge
 from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
 from refundsaga.store.schema import Purchase, User
-from tests.fixtures.batch import Buyer, batch_world, isolated_batch_world, seed_buyers
+from tests.fixtures.batch import (
+    Buyer,
+    batch_time_env,
+    batch_world,
+    isolated_batch_world,
+    seed_buyers,
+)
 from tests.fixtures.stack import LiveStack
 from tests.fixtures.temporal import SagaWorld
 from workflows.batch_refund import BatchRefund
 from workflows.refund_saga import RefundSaga
 
-__all__ = ["batch_world", "isolated_batch_world"]  # the fixtures the tests below use
+__all__ = ["batch_time_env", "batch_world", "isolated_batch_world"]  # fixtures used below
 
 REPO = Path(__file__).resolve().parents[1]
 REFUND = [sys.executable, "-m", "refundsaga.cli"]

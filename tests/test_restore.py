@@ -33,13 +33,13 @@ from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
 from refundsaga.store.schema import ProgressArchive
 from refundsaga.store.store import RestoreRefused
-from tests.fixtures.batch import batch_world, isolated_batch_world
+from tests.fixtures.batch import batch_time_env, batch_world, isolated_batch_world
 from tests.fixtures.stack import LiveStack
 from tests.fixtures.temporal import SagaWorld
 from workflows.refund_saga import RefundSaga
 from workflows.restore_progress import PurgeExpiredSnapshots, RestoreProgress
 
-__all__ = ["batch_world", "isolated_batch_world"]  # the fixtures, imported for the tests below
+__all__ = ["batch_time_env", "batch_world", "isolated_batch_world"]  # fixtures used below
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
