@@ -1,4 +1,5 @@
-"""The RefundSaga worker: hosts the workflow and its activities on the saga's task queue.
+"""The RefundSaga worker: the workflows and their activities on the saga's task queue, and the
+processor calls on the rate-limited queue beside it (`REFUND_PROCESSOR_CALLS_PER_S`).
 
 Run with `python worker.py` or `refund worker`. SIGTERM or SIGINT shut it down gracefully:
 it stops polling and gives in-flight activities time to finish before handing them back.
@@ -9,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 
 from temporalio.client import Client
@@ -20,6 +21,7 @@ from activities.batch_activities import BatchActivities
 from activities.refund_activities import RefundActivities
 from refundsaga.ams import HttpAmsClient
 from refundsaga.approval import policy_from_settings
+from refundsaga.contracts import processor_task_queue
 from refundsaga.logs import configure_logging
 from refundsaga.metrics import MetricsConfigError, runtime_from_settings
 from refundsaga.notify import NotifyConfigError, notifier_from_settings, validate_notify_settings
@@ -63,18 +65,59 @@ async def saga_activities(settings: Settings) -> AsyncIterator[RefundActivities]
         store.close()
 
 
-def build_worker(client: Client, settings: Settings, activities: RefundActivities) -> Worker:
-    """A worker for the saga's task queue with the configured concurrency."""
-    return Worker(
-        client,
-        task_queue=settings.task_queue,
-        workflows=[RefundSaga, BatchRefund, RestoreProgress, PurgeExpiredSnapshots],
-        activities=[*activities.all(), *BatchActivities.alongside(activities, settings).all()],
-        max_concurrent_activities=settings.max_concurrent_activities,
-        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-        max_cached_workflows=settings.max_cached_workflows,
-        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
-    )
+WORKFLOWS: list[type] = [RefundSaga, BatchRefund, RestoreProgress, PurgeExpiredSnapshots]
+
+
+def build_workers(
+    client: Client,
+    settings: Settings,
+    activities: RefundActivities,
+    *,
+    task_queue: str | None = None,
+    workflows: Sequence[type] = WORKFLOWS,
+) -> list[Worker]:
+    """The saga's two workers: its own task queue, and the processor queue beside it.
+
+    The activities that call the processor run on `processor_task_queue(task_queue)`, which
+    the Temporal server dispatches at `processor_calls_per_s` for every worker polling it:
+    one limit on processor calls for all sagas and batches, retries included.
+    """
+    queue = task_queue or settings.task_queue
+    rate = settings.processor_calls_per_s or None  # 0: no limit
+    batch = BatchActivities.alongside(activities, settings)
+    return [
+        Worker(
+            client,
+            task_queue=queue,
+            workflows=list(workflows),
+            activities=[*activities.others(), *batch.all()],
+            max_concurrent_activities=settings.max_concurrent_activities,
+            max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+            max_cached_workflows=settings.max_cached_workflows,
+            graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        ),
+        Worker(
+            client,
+            task_queue=processor_task_queue(queue),
+            activities=activities.processor_calls(),
+            max_concurrent_activities=settings.max_concurrent_activities,
+            max_task_queue_activities_per_second=rate,
+            graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        ),
+    ]
+
+
+@asynccontextmanager
+async def running(workers: Sequence[Worker]) -> AsyncIterator[None]:
+    """Run the workers together; leaving shuts them all down (gracefully)."""
+    async with AsyncExitStack() as stack:
+        for worker in workers:
+            await stack.enter_async_context(worker)
+        try:
+            yield
+        finally:
+            # Drain them at once, not one after the other (shutdown is safe to repeat).
+            await asyncio.gather(*(worker.shutdown() for worker in workers))
 
 
 async def run_worker(settings: Settings, *, migrate: bool = True) -> None:
@@ -91,19 +134,21 @@ async def run_worker(settings: Settings, *, migrate: bool = True) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with saga_activities(settings) as activities:
-        worker = build_worker(client, settings, activities)
-        async with worker:
-            log.info(
-                "worker started",
-                extra={
-                    "task_queue": settings.task_queue,
-                    "namespace": settings.temporal_namespace,
-                    "metrics": settings.metrics_address,
-                },
-            )
-            await stop.wait()
-            log.info("worker stopping: finishing in-flight activities")
+    async with (
+        saga_activities(settings) as activities,
+        running(build_workers(client, settings, activities)),
+    ):
+        log.info(
+            "worker started",
+            extra={
+                "task_queue": settings.task_queue,
+                "processor_calls_per_s": settings.processor_calls_per_s or "unlimited",
+                "namespace": settings.temporal_namespace,
+                "metrics": settings.metrics_address,
+            },
+        )
+        await stop.wait()
+        log.info("worker stopping: finishing in-flight activities")
     log.info("worker stopped")
 
 

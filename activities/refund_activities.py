@@ -343,13 +343,23 @@ class RefundActivities:
         await self._notifier.send(notification)
 
     def all(self) -> list[Callable[..., Any]]:
-        """Every activity, for the worker."""
+        """Every activity (a worker that serves both task queues, e.g. in tests)."""
+        return [*self.processor_calls(), *self.others()]
+
+    def processor_calls(self) -> list[Callable[..., Any]]:
+        """The activities that call the processor: they run on the rate-limited queue
+        (`processor_task_queue`), so that every saga together stays under the limit."""
         return [
             self.prepare_refund,
             self.refund_at_processor,
             self.await_refund_settled,
-            self.record_refunds,
             self.reconcile_external_refunds,
+        ]
+
+    def others(self) -> list[Callable[..., Any]]:
+        """The activities on the saga's own task queue."""
+        return [
+            self.record_refunds,
             self.revoke_progress,
             self.remove_ams_entitlement,
             self.deactivate_purchase,

@@ -168,6 +168,15 @@ class RefundPlan(Message):
     policy: ApprovalPolicy
 
 
+def processor_task_queue(task_queue: str) -> str:
+    """The task queue of the activities that call the processor, beside the saga's own.
+
+    The worker serving it sets `max_task_queue_activities_per_second`, so the Temporal server
+    paces the processor calls of every saga and batch together, across all workers.
+    """
+    return f"{task_queue}-processor"
+
+
 def format_money(cents: int, currency: str | None) -> str:
     """Integer cents as a person reads them: 9995, usd -> 99.95 USD."""
     return f"{cents / 100:,.2f} {(currency or '').upper()}".strip()

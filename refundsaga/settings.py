@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     processor_url: str = "http://127.0.0.1:8301"
     processor_api_key: SecretStr = SecretStr(SANDBOX_PROCESSOR_KEY)
     processor_timeout_s: float = 10.0
+    # Calls to the processor per second, for every saga and batch on the task queue together:
+    # the activities that call it run on `<task_queue>-processor`, which the Temporal server
+    # dispatches at this rate (a token bucket: bursts of up to one second's worth). 0: no limit.
+    # Stripe allows 100 operations a second in live mode; half leaves room for OASIS itself.
+    processor_calls_per_s: float = Field(default=50.0, ge=0)
 
     # AMS entitlement API
     ams_url: str = "http://127.0.0.1:8302"

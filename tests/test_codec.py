@@ -17,7 +17,6 @@ from pydantic import SecretStr
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Worker
 
 from activities.refund_activities import RefundActivities
 from refundsaga.ams import HttpAmsClient
@@ -36,6 +35,7 @@ from refundsaga.processor import ProcessorClient
 from refundsaga.settings import Settings
 from refundsaga.temporal import TemporalUnavailable, connect, data_converter
 from tests.fixtures.temporal import SagaWorld
+from worker import build_workers, running
 from workflows.refund_saga import RefundSaga
 
 OLD_KEY = b"o" * 32
@@ -239,8 +239,10 @@ async def test_a_saga_runs_encrypted_and_its_history_is_ciphertext(saga_world: S
             notifier=world.notifier,
             policy=policy_from_settings(settings),
         )
-        async with Worker(
-            client, task_queue=task_queue, workflows=[RefundSaga], activities=activities.all()
+        async with running(
+            build_workers(
+                client, settings, activities, task_queue=task_queue, workflows=[RefundSaga]
+            )
         ):
             handle = await client.start_workflow(
                 RefundSaga.run,

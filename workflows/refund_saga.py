@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         WaitingFor,
         batch_bucket,
         describe_plan,
+        processor_task_queue,
     )
     from refundsaga.models import AccessDecision, LedgerEntry
     from refundsaga.search_attributes import (
@@ -242,6 +243,7 @@ class RefundSaga:
                 return await workflow.execute_activity_method(
                     RefundActivities.prepare_refund,
                     PrepareInput(request=self._request, workflow_id=info.workflow_id),
+                    task_queue=self._processor_queue(),
                     start_to_close_timeout=HTTP_TIMEOUT,
                     retry_policy=STEP_RETRY,
                     summary=f"prepare purchase {self._request.purchase_id}",
@@ -463,6 +465,7 @@ class RefundSaga:
                 return await workflow.execute_activity_method(
                     RefundActivities.refund_at_processor,
                     request,
+                    task_queue=self._processor_queue(),
                     start_to_close_timeout=HTTP_TIMEOUT,
                     retry_policy=STEP_RETRY,
                     # Wait for the outcome even when cancelled: money may be moving.
@@ -487,6 +490,7 @@ class RefundSaga:
                 return await workflow.execute_activity_method(
                     RefundActivities.await_refund_settled,
                     SettleInput(refund_id=pending.refund_id),
+                    task_queue=self._processor_queue(),
                     start_to_close_timeout=HTTP_TIMEOUT,
                     schedule_to_close_timeout=SETTLE_TIMEOUT,
                     retry_policy=SETTLE_RETRY,
@@ -530,6 +534,7 @@ class RefundSaga:
                     purchase_id=plan.purchase_id,
                     charge_id=plan.charge_id,
                 ),
+                task_queue=self._processor_queue(),
                 start_to_close_timeout=HTTP_TIMEOUT,
                 retry_policy=STEP_RETRY,
                 summary=f"reconcile refunds of {plan.charge_id}",
@@ -758,6 +763,10 @@ class RefundSaga:
             await self._batch_reports
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._status
+
+    def _processor_queue(self) -> str:
+        """Where the processor calls run: the rate-limited queue beside the saga's own."""
+        return processor_task_queue(workflow.info().task_queue)
 
     def _store_step(self, activity: Callable[..., Any], arg: Any, *, summary: str) -> Any:
         """A store-only step: short, idempotent, no external call, so a local activity.
