@@ -1,4 +1,4 @@
-"""Determinism guard: every recorded saga history must replay on the current workflow code.
+"""Determinism guard: every recorded history must replay on the current workflow code.
 
 The histories in tests/histories/ were recorded from every saga path (`make histories`). A
 change to the workflow's command sequence that would break running sagas fails here, in CI,
@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from worker import WORKFLOWS
 from workflows.refund_saga import RefundSaga
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*/*.json"))
@@ -48,4 +50,28 @@ def test_there_are_recorded_histories_of_every_end(version: str) -> None:
 async def test_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(workflows=[RefundSaga], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)
+
+
+# Batches, restores, and the sagas a batch started (recorded by `make histories`).
+OTHER = sorted((Path(__file__).parent / "histories-batch").glob("*/*.json"))
+
+
+def test_there_are_recorded_batch_and_restore_histories() -> None:
+    kinds = {path.name.split("-")[0] for path in OTHER}
+    assert kinds >= {"BatchRefund", "RestoreProgress", "RefundSaga"}, kinds
+    # Including batch runs that continued as new with children in flight.
+    ends = {
+        WorkflowHistory.from_json(p.stem, p.read_text()).events[-1].event_type
+        for p in OTHER
+        if p.name.startswith("BatchRefund")
+    }
+    assert EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW in ends
+    assert EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED in ends
+
+
+@pytest.mark.parametrize("path", OTHER, ids=[f"{p.parent.name}/{p.stem}" for p in OTHER])
+async def test_batch_and_restore_history_replays(path: Path) -> None:
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    replayer = Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter)
     await replayer.replay_workflow(history)
