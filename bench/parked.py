@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client
 
 from bench.bench import (
     RESULTS,
@@ -26,10 +26,9 @@ from bench.bench import (
     wait_for_quiet,
 )
 from refundsaga.contracts import ApprovalDecision, RefundRequest, SagaState, SagaStatus
-from refundsaga.operations import start_refund
+from refundsaga.operations import decide_listed, start_refund
 from refundsaga.seed import SeededPurchase
 from refundsaga.temporal import connect
-from workflows.refund_saga import RefundSaga
 
 # The standard purchase (99.95) needs one approval; the reference sagas refund 49.99 of one
 # (with revoke and entitlement removal, so they run the same seven steps) and need none.
@@ -81,32 +80,23 @@ async def bounded(
 async def approve_by_query(
     client: Client, query: str, *, approver: str, comment: str, concurrency: int
 ) -> dict[str, Any]:
-    """Approve every saga the query lists, with at most `concurrency` updates in flight.
-
-    What a `refund approve --query '<filter>' --as <approver>` verb would do: list, then one
-    validating `decide` update per saga (the saga still refuses what the policy refuses).
-    """
+    """What `refund approve --query` does: list, then one validating `decide` update per saga
+    run (refundsaga.operations.decide_listed), at most `concurrency` in flight."""
     listed_at = time.perf_counter()
-    ids = [w.id async for w in client.list_workflows(query)]
+    listed = [w async for w in client.list_workflows(query)]
     listed_s = time.perf_counter() - listed_at
     decision = ApprovalDecision(approver=approver, approve=True, comment=comment)
-
-    async def decide(workflow_id: str) -> object:
-        handle = client.get_workflow_handle(workflow_id)
-        return await handle.execute_update(RefundSaga.decide, decision)
-
     began = time.perf_counter()
-    outcomes = await bounded(ids, concurrency, decide)
-    refused = [o for o in outcomes if isinstance(o, WorkflowUpdateFailedError)]
-    failed = [o for o in outcomes if isinstance(o, Exception) and o not in refused]
+    results = await decide_listed(client, listed, lambda _: decision, concurrency=concurrency)
+    not_approved = [r for r in results if r.outcome != "approved"]
     return {
-        "listed": len(ids),
+        "listed": len(listed),
         "list_s": listed_s,
         "updates_s": time.perf_counter() - began,
-        "approved": len(ids) - len(refused) - len(failed),
-        "refused": len(refused),
-        "failed": len(failed),
-        "samples": [f"{type(o).__name__}: {o}" for o in (refused + failed)[:5]],
+        "approved": len(results) - len(not_approved),
+        "refused": sum(1 for r in not_approved if r.outcome == "refused"),
+        "failed": sum(1 for r in not_approved if r.outcome == "failed"),
+        "samples": [f"{r.workflow_id}: {r.outcome}: {r.message}" for r in not_approved[:5]],
     }
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -330,16 +332,160 @@ def _decide(ref: str, approver: str, comment: str, approve: bool, as_json: bool)
 
 @app.command()
 def approve(
-    saga: SagaRef,
-    approver: Annotated[str, typer.Option("--as", "--approver", help="Your user name.")],
+    saga: Annotated[
+        str | None,
+        typer.Argument(help="Workflow id (refund-42) or purchase id (42); or use --query."),
+    ] = None,
+    approver: Annotated[
+        str | None, typer.Option("--as", "--approver", help="Your user name.")
+    ] = None,
     comment: Annotated[str, typer.Option(help="Optional comment.")] = "",
+    query: Annotated[
+        str | None,
+        typer.Option(
+            "--query",
+            help="Approve every saga waiting for approval that this Temporal list filter "
+            "matches, e.g. 'RequestedBy=\"sam\" AND RefundAmountCents < 10000'.",
+        ),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=100_000, help="With --query: at most this many.")
+    ] = 1000,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=200, help="With --query: decisions in flight.")
+    ] = 20,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --query: list what matches; change nothing.")
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="With --query: do not ask for confirmation.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Approve a refund waiting for approval.
+    """Approve a refund waiting for approval, or every one a list filter matches.
+
+    With --query, each matching saga gets its own decision (signed for its run when
+    REFUND_SIGNING_KEY_FILE is set) and still applies its policy: a saga that refuses (your own
+    request, already decided by you) is reported and the others go on. Exit 2 if any refused.
 
     Example: refund approve refund-42 --as bob --comment "checked the order"
+
+    Example: refund approve --query 'RequestedBy="sam"' --as bob --dry-run
     """
-    _decide(saga, approver, comment, True, as_json)
+    if approver is None:
+        fail("--as is required (your user name)")
+    if (saga is None) == (query is None):
+        fail("give either a saga (refund-42 or 42) or --query FILTER")
+    if saga is not None:
+        if dry_run or yes:
+            fail("--dry-run and --yes go with --query")
+        _decide(saga, approver, comment, True, as_json)
+        return
+    assert query is not None
+    _approve_matching(query, approver, comment, limit, concurrency, dry_run, yes, as_json)
+
+
+def _approve_matching(
+    filter_: str,
+    approver: str,
+    comment: str,
+    limit: int,
+    concurrency: int,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    decision: ApprovalDecision = build(
+        ApprovalDecision, approver=approver, approve=True, comment=comment
+    )
+    if not filter_.strip():
+        fail("--query is empty: give a filter, e.g. 'RequestedBy=\"sam\"'")
+    settings = load_settings()
+    key = _signing_key(settings)
+    query = ops.awaiting_approval_query(filter_)
+
+    def decision_for(execution: Any) -> ApprovalDecision:
+        if key is None:
+            return decision
+        signature = sign_decision(key, execution.id, decision, run_id=execution.run_id)
+        return decision.model_copy(update={"signature": signature})
+
+    def confirmed(listed: list[Any]) -> bool:
+        """Listed and shown what matched; True when the decisions should go out."""
+        if dry_run or not listed:
+            if as_json:
+                emit_json({"query": query, "matched": [e.id for e in listed], "dry_run": dry_run})
+            else:
+                for execution in listed:
+                    out.print(execution.id, highlight=False)
+                out.print(
+                    f"{len(listed)} saga(s) waiting for approval match {query}", highlight=False
+                )
+            return False
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            fail(f"{len(listed)} saga(s) match; pass --yes to approve them without a prompt")
+        if not typer.confirm(f"approve {len(listed)} saga(s) as {approver}?"):
+            fail("nothing approved")
+        return True
+
+    async def go() -> list[ops.BulkDecision] | None:
+        client = await connect(settings)
+        listed = await ops.list_sagas(client, query, limit=limit)
+        if not confirmed(listed):
+            return None
+        console = err if as_json else out
+        with Progress(
+            TextColumn("approving"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[counts]}"),
+            console=console,
+            disable=not console.is_terminal,
+        ) as progress:
+            task = progress.add_task("approve", total=len(listed), counts="")
+            tally: Counter[str] = Counter()
+
+            def done(one: ops.BulkDecision) -> None:
+                tally[one.outcome] += 1
+                progress.update(
+                    task,
+                    advance=1,
+                    counts=" ".join(f"{k} {v}" for k, v in sorted(tally.items())),
+                )
+                if not as_json and one.outcome != "approved":
+                    progress.console.print(
+                        f"{one.workflow_id}: {one.outcome}: {escape(one.message)}",
+                        highlight=False,
+                    )
+
+            return await ops.decide_listed(
+                client, listed, decision_for, concurrency=concurrency, on_done=done
+            )
+
+    results = run(go())
+    if results is None:
+        return
+    counts = Counter(r.outcome for r in results)
+    if as_json:
+        emit_json(
+            {
+                "query": query,
+                "counts": dict(counts),
+                "results": [dataclasses.asdict(r) for r in results],
+            }
+        )
+    else:
+        out.print(
+            f"{counts['approved']} approved, {counts['refused']} refused, "
+            f"{counts['failed']} failed, of {len(results)} matching {query}",
+            highlight=False,
+        )
+    if counts["failed"]:
+        raise typer.Exit(ExitCode.ERROR)
+    if counts["refused"]:
+        raise typer.Exit(ExitCode.REFUSED)
 
 
 @app.command()
@@ -771,6 +917,7 @@ def _render_batch_plan(plan: BatchPlan) -> None:
 
 
 def _batch_summary_text(summary: BatchSummary) -> str:
+    limit = load_settings().processor_calls_per_s  # the worker's, when it shares this setting
     totals = ", ".join(
         money(cents, currency) for currency, cents in summary.totals_by_currency.items()
     )
@@ -783,6 +930,9 @@ def _batch_summary_text(summary: BatchSummary) -> str:
         + (", ".join(f"{n} {action}" for action, n in summary.ams_actions.items()) or "none"),
         f"approvals needed {summary.required_approvals} (on the total)",
         f"pace: at most {summary.window} sagas at once, {summary.rate_per_s:g} started per second",
+        "processor calls: "
+        + (f"at most {limit:g} a second for all sagas together" if limit else "no limit")
+        + " (REFUND_PROCESSOR_CALLS_PER_S)",
     ]
     lines += [f"skipped {n}: {why}" for why, n in summary.skip_reasons.items()]
     return "\n".join(lines)
@@ -867,7 +1017,12 @@ def batch(
     ] = None,
     rate: Annotated[
         float | None,
-        typer.Option(min=0.01, max=1000, help="Sagas started per second (default: setting)."),
+        typer.Option(
+            min=0.01,
+            max=1000,
+            help="Sagas started per second (default: setting). Processor calls of all sagas "
+            "are limited apart from this (REFUND_PROCESSOR_CALLS_PER_S).",
+        ),
     ] = None,
     starts_per_run: Annotated[
         int, typer.Option(min=1, max=5000, hidden=True, help="Continue as new after this many.")

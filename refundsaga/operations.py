@@ -8,8 +8,9 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
 from temporalio.client import (
@@ -187,7 +188,13 @@ async def wait_for_state(
 
 async def _update(client: Client, workflow_id: str, update: Any, message: Any) -> DecisionReceipt:
     await describe(client, workflow_id)
-    handle = client.get_workflow_handle_for(RefundSaga.run, workflow_id)
+    return await _send_update(client, workflow_id, update, message)
+
+
+async def _send_update(
+    client: Client, workflow_id: str, update: Any, message: Any, *, run_id: str | None = None
+) -> DecisionReceipt:
+    handle = client.get_workflow_handle_for(RefundSaga.run, workflow_id, run_id=run_id)
     try:
         receipt: DecisionReceipt = await handle.execute_update(update, message)
         return receipt
@@ -257,6 +264,67 @@ async def list_sagas(client: Client, query: str, *, limit: int) -> list[Workflow
         raise Refused(f"the list filter was refused: {err.message}") from err
     found.sort(key=lambda e: e.start_time, reverse=True)
     return found
+
+
+# --- bulk approval ------------------------------------------------------------------------------
+
+
+def awaiting_approval_query(filter_: str) -> str:
+    """Sagas waiting for approval that also match the caller's list filter."""
+    return f"{list_query(state=SagaState.AWAITING_APPROVAL)} AND ({filter_})"
+
+
+@dataclass(frozen=True)
+class BulkDecision:
+    """What one saga of a bulk decision said."""
+
+    workflow_id: str
+    outcome: Literal["approved", "rejected", "refused", "failed"]
+    message: str
+    approvals: int | None = None
+    required_approvals: int | None = None
+
+
+async def decide_listed(
+    client: Client,
+    listed: Sequence[WorkflowExecution],
+    decision_for: Callable[[WorkflowExecution], ApprovalDecision],
+    *,
+    concurrency: int,
+    on_done: Callable[[BulkDecision], None] | None = None,
+) -> list[BulkDecision]:
+    """One validating `decide` update per listed saga run, at most `concurrency` in flight.
+
+    Each update goes to the run that was listed (so a signed decision, bound to that run, can
+    only land there); the saga still refuses what its policy refuses, and a refusal of one
+    does not stop the others.
+    """
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(execution: WorkflowExecution) -> BulkDecision:
+        async with gate:
+            decision = decision_for(execution)
+            try:
+                receipt = await _send_update(
+                    client, execution.id, RefundSaga.decide, decision, run_id=execution.run_id
+                )
+            except Refused as e:
+                done = BulkDecision(execution.id, "refused", str(e))
+            except (OperationError, RPCError) as e:
+                done = BulkDecision(execution.id, "failed", str(e))
+            else:
+                done = BulkDecision(
+                    execution.id,
+                    "approved" if decision.approve else "rejected",
+                    receipt.message,
+                    receipt.approvals,
+                    receipt.required_approvals,
+                )
+            if on_done is not None:
+                on_done(done)
+            return done
+
+    return list(await asyncio.gather(*(one(e) for e in listed)))
 
 
 # --- batches, restores and the purge schedule -------------------------------------------------

@@ -224,3 +224,49 @@ def test_worker_killed_mid_refund_restarts_and_refunds_exactly_once(
         assert snapshot is not None and snapshot.refunded_cents == p["amount_cents"]
     finally:
         store.close()
+
+
+def test_approve_by_query_approves_what_matches_and_reports_refusals(
+    live_stack: LiveStack,
+) -> None:
+    ours = [seed(live_stack, "standard") for _ in range(3)]
+    ids = [str(p["purchase_id"]) for p in ours]
+    for pid, requester in zip(ids, ("sam", "sam", "bob"), strict=True):
+        started = refund_json(live_stack, "start", pid, "--reason", "bulk", "--as", requester)
+        refund_json(live_stack, "status", started["workflow_id"], "--wait-for", "AWAITING_APPROVAL")
+    mine = "PurchaseId IN (" + ", ".join(f'"{pid}"' for pid in ids) + ")"
+
+    deadline = time.monotonic() + 30
+    while True:  # visibility follows the saga's upsert a moment later
+        dry = refund_json(live_stack, "approve", "--query", mine, "--as", "bob", "--dry-run")
+        if len(dry["matched"]) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert sorted(dry["matched"]) == sorted(f"refund-{pid}" for pid in ids)
+
+    # Not on a terminal and no --yes: nothing is sent.
+    unconfirmed = refund(live_stack, "approve", "--query", mine, "--as", "bob")
+    assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr
+    assert refund(live_stack, "approve", "--as", "bob").returncode == 2  # neither saga nor query
+    bad = refund(live_stack, "approve", "--query", "NoSuchAttribute = 1", "--as", "bob", "--yes")
+    assert bad.returncode == 2 and "filter" in bad.stderr
+    for pid in ids:
+        assert refund_json(live_stack, "status", f"refund-{pid}")["state"] == "AWAITING_APPROVAL"
+
+    # bob approves all three: his own request is refused (four-eyes), the other two go on.
+    done = refund(live_stack, "approve", "--query", mine, "--as", "bob", "--yes", "--json")
+    assert done.returncode == 2, done.stderr
+    report = json.loads(done.stdout)
+    assert report["counts"] == {"approved": 2, "refused": 1}
+    refused = [r for r in report["results"] if r["outcome"] == "refused"]
+    assert [r["workflow_id"] for r in refused] == [f"refund-{ids[2]}"]
+    for p in ours[:2]:
+        final = refund_json(
+            live_stack, "status", f"refund-{p['purchase_id']}", "--wait-for", "COMPLETED"
+        )
+        assert [a["approver"] for a in final["approvals"]] == ["bob"]
+        held = charge(live_stack, p["charge_id"])
+        assert held["amount_refunded"] == held["amount"]
+    waiting = refund_json(live_stack, "status", f"refund-{ids[2]}")
+    assert waiting["state"] == "AWAITING_APPROVAL" and waiting["approvals"] == []
+    assert charge(live_stack, ours[2]["charge_id"])["amount_refunded"] == 0
