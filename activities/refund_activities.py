@@ -326,7 +326,11 @@ class RefundActivities:
                     detail=dict(inp.detail),
                 )
             )
-        if first:
+        if first or activity.info().attempt > 1:
+            # Also on a retry: the end may have been recorded by an attempt whose notification
+            # then failed. A repeat carries the same delivery id (X-Refund-Delivery), so
+            # receivers drop it; a first run that finds the end recorded (a replayed local
+            # activity) does not send again.
             await self._notifier.send(
                 Notification(
                     kind="saga_ended",

@@ -19,7 +19,10 @@ from starlette.routing import Route
 from temporalio.common import RetryPolicy
 from temporalio.testing import ActivityEnvironment
 
-from refundsaga.contracts import Notification, SagaState
+from activities.refund_activities import RefundActivities
+from refundsaga.ams import HttpAmsClient
+from refundsaga.approval import policy_from_settings
+from refundsaga.contracts import CloseInput, Notification, SagaState
 from refundsaga.notify import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
@@ -32,7 +35,9 @@ from refundsaga.notify import (
     notifier_from_settings,
     verify,
 )
+from refundsaga.processor import ProcessorClient
 from refundsaga.settings import Settings
+from refundsaga.store import OasisStore
 from tests.fixtures.sandboxes import serve_app
 from tests.fixtures.stack import free_ports
 
@@ -221,3 +226,49 @@ async def test_notifier_from_settings() -> None:
     assert isinstance(both, CompositeNotifier)
     assert [type(n) for n in both.notifiers] == [LogNotifier, WebhookNotifier]
     await both.aclose()
+
+
+class FlakyNotifier:
+    """Fails the first `failures` sends like an unreachable webhook, then records them."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.sent: list[Notification] = []
+
+    async def send(self, notification: Notification) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise WebhookDeliveryError("hooks.example.org answered 503")
+        self.sent.append(notification)
+
+
+async def test_the_end_is_notified_when_the_first_webhook_try_fails(
+    sqlite_store: OasisStore,
+) -> None:
+    notifier = FlakyNotifier(failures=1)
+    settings = Settings()
+    async with (
+        ProcessorClient("http://127.0.0.1:9", SecretStr("unused")) as processor,
+        HttpAmsClient("http://127.0.0.1:9", SecretStr("unused")) as ams,
+    ):
+        activities = RefundActivities(
+            store=sqlite_store,
+            processor=processor,
+            ams=ams,
+            notifier=notifier,
+            policy=policy_from_settings(settings),
+        )
+        close = CloseInput(
+            workflow_id="refund-7", purchase_id=7, state=SagaState.REJECTED, revoked=False
+        )
+        env = ActivityEnvironment()
+        env.info = dataclasses.replace(env.info, attempt=1, retry_policy=RetryPolicy())
+        with pytest.raises(WebhookDeliveryError):
+            await env.run(activities.close_saga, close)  # the end is recorded, the hook fails
+        env.info = dataclasses.replace(env.info, attempt=2)
+        await env.run(activities.close_saga, close)  # Temporal's retry
+        env.info = dataclasses.replace(env.info, attempt=1)
+        await env.run(activities.close_saga, close)  # a re-run of a finished close
+    assert [(n.kind, n.workflow_id) for n in notifier.sent] == [("saga_ended", "refund-7")]
+    ends = [e for e in sqlite_store.audit_trail(workflow_id="refund-7") if e.event == "saga_ended"]
+    assert len(ends) == 1
