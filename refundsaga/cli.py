@@ -101,6 +101,19 @@ class ExitCode:
     REFUSED = 2
 
 
+def counts_progress(as_json: bool) -> Progress:
+    """A bar with a counts column; on stderr when stdout carries JSON, off when not a TTY."""
+    console = err if as_json else out
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[counts]}"),
+        console=console,
+        disable=not console.is_terminal,
+    )
+
+
 def print_error(message: str) -> None:
     # Messages quote user input (a saga ref, a value): escaped, "[/x]" is text, not markup.
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
@@ -435,16 +448,8 @@ def _approve_matching(
         listed = await ops.list_sagas(client, query, limit=limit)
         if not confirmed(listed):
             return None
-        console = err if as_json else out
-        with Progress(
-            TextColumn("approving"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[counts]}"),
-            console=console,
-            disable=not console.is_terminal,
-        ) as progress:
-            task = progress.add_task("approve", total=len(listed), counts="")
+        with counts_progress(as_json) as progress:
+            task = progress.add_task("approving", total=len(listed), counts="")
             tally: Counter[str] = Counter()
 
             def done(one: ops.BulkDecision) -> None:
@@ -1155,15 +1160,7 @@ def batch_status_(
         client = await connect(settings)
         if not wait:
             return await ops.batch_status(client, batch_id)
-        console = err if as_json else out
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[counts]}"),
-            console=console,
-            disable=not console.is_terminal,
-        ) as progress:
+        with counts_progress(as_json) as progress:
             task = progress.add_task(batch_id, total=None, counts="")
 
             def show(status: BatchStatus) -> None:
