@@ -5,6 +5,7 @@ money at the processor, rows in the store, entitlements in the AMS, the saga's s
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -15,10 +16,13 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpda
 from refundsaga.contracts import (
     AmsConfirmation,
     ApprovalDecision,
+    RefundRequest,
     Resolution,
     SagaState,
     WaitingFor,
 )
+from refundsaga.operations import start_refund
+from refundsaga.search_attributes import REFUND_AMOUNT_CENTS, REFUND_STATE, WAITING_FOR
 from tests.fixtures.temporal import SagaWorld
 from workflows.refund_saga import RefundSaga
 
@@ -27,6 +31,17 @@ def processor_refunds(world: SagaWorld, charge_id: str) -> tuple[int, int]:
     """(amount refunded, number of refunds) as the processor holds them."""
     charge = world.processor.get_charge(charge_id)
     return charge["amount_refunded"], len(charge["refunds"]["data"])
+
+
+async def listed_states(handle: WorkflowHandle[Any, Any]) -> list[str]:
+    """The RefundState values the saga upserted, in order: what list filters saw."""
+    history = await handle.fetch_history()
+    states = []
+    for event in history.events:
+        fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes
+        if "RefundState" in fields.indexed_fields:
+            states.append(json.loads(fields.indexed_fields["RefundState"].data))
+    return states
 
 
 async def meaningful_events(handle: WorkflowHandle[Any, Any]) -> list[str]:
@@ -67,6 +82,14 @@ async def test_standard_full_refund_completes_and_removes_every_access(world: Sa
     assert world.ams.entitlements(purchase.ams_member_id or "") == []
     assert result.ams.state == "removed"
     assert result.access is not None and not result.access.has_access
+    # Started without search attributes (as a batch starts its sagas): lists learn the start,
+    # the rest, the pivot and the end, not every step after the pivot.
+    assert await listed_states(handle) == [
+        "PREPARING",
+        "AWAITING_APPROVAL",
+        "REFUNDING",
+        "COMPLETED",
+    ]
     events = [e.event for e in world.store.audit_trail(workflow_id=handle.id)]
     assert "refund_recorded" in events and "progress_revoked" in events
     assert "approved" in events and events[-1] == "saga_ended"
@@ -383,6 +406,8 @@ async def test_ams_outage_needs_attention_then_ops_retry_completes(world: SagaWo
     assert [r.action for r in result.resolutions] == ["retry"]
     events = [e.event for e in world.store.audit_trail(workflow_id=handle.id)]
     assert "ops_retry" in events
+    # Lists saw the rest and the step it resumed, then the end.
+    assert (await listed_states(handle))[-3:] == ["NEEDS_ATTENTION", "DEENTITLING", "COMPLETED"]
 
 
 async def test_access_still_granted_needs_attention_naming_why_and_skip_completes(
@@ -435,6 +460,26 @@ async def test_auto_approval_below_the_threshold_needs_no_approver(world: SagaWo
     assert result.required_approvals == 0 and result.approvals == []
     assert processor_refunds(world, purchase.charge_id) == (purchase.amount_cents, 1)
     assert "approval_requested" not in world.notifier.kinds(handle.id)
+
+
+@pytest.mark.saga_settings(auto_approve_below_cents=10_000)
+async def test_lists_learn_the_pivot_and_the_end_of_a_saga_started_with_attributes(
+    world: SagaWorld,
+) -> None:
+    purchase = world.seed("oasis_entitled")  # auto-approved
+    handle = await start_refund(  # as `refund start` and starter.py do
+        world.client,
+        world.settings.model_copy(update={"task_queue": world.task_queue}),
+        RefundRequest(purchase_id=purchase.purchase_id, reason="dup", requested_by="sam"),
+    )
+    world.handles.append(handle)
+    assert (await handle.result()).state == SagaState.COMPLETED
+    # PREPARING came with the start (as `refund start` sets it): no upsert for it.
+    assert await listed_states(handle) == ["REFUNDING", "COMPLETED"]
+    listed = (await handle.describe()).typed_search_attributes
+    assert listed.get(REFUND_STATE) == "COMPLETED"
+    assert listed.get(REFUND_AMOUNT_CENTS) == purchase.amount_cents
+    assert listed.get(WAITING_FOR) == "none"
 
 
 async def test_a_signal_after_the_end_is_refused(world: SagaWorld) -> None:

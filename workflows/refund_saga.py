@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from refundsaga.approval import refusal_reason
     from refundsaga.contracts import (
         BATCH_REPORT_SIGNAL,
+        END_STATES,
         AmsConfirmation,
         AmsRemovalInput,
         ApprovalDecision,
@@ -91,6 +92,17 @@ AMS_MODES: dict[str, Literal["api", "manual", "oasis"]] = {
 
 # Patch id: store-only steps became local activities (old histories keep regular ones).
 LOCAL_STORE_STEPS = "store-steps-as-local-activities"
+# Patch id: search attributes are upserted where ops filter, not at every step (old histories
+# keep an upsert per transition). Each upsert is a history event and a visibility write: about
+# 5 ms of Temporal server CPU (bench/README.md).
+VISIBILITY_AT_REST = "search-attributes-at-rest"
+# With it, an upsert on entering or leaving these, at the pivot, and at the end. The steps
+# after the pivot (revoke, de-entitle, verify) show as REFUNDING in lists until the end, and
+# exactly in `refund status`, the status query and the current details.
+AT_REST = frozenset(
+    {SagaState.AWAITING_APPROVAL, SagaState.AWAITING_AMS_CONFIRMATION, SagaState.NEEDS_ATTENTION}
+)
+LISTED = AT_REST | END_STATES | {SagaState.PREPARING, SagaState.REFUNDING}
 
 STORE_TIMEOUT = timedelta(seconds=30)
 # An external call the worker died in is retried after this; the clients time out sooner.
@@ -174,11 +186,18 @@ class RefundSaga:
         # batch counts a saga it started as running.
         self._batch_bucket: BatchBucket = "running"
         self._batch_reports: asyncio.Task[None] | None = None
+        self._visibility_at_rest = False
+        self._listed_state: SagaState | None = None  # what list filters see
 
     # --- the saga -------------------------------------------------------------------------
 
     @workflow.run
     async def run(self, request: RefundRequest) -> SagaStatus:
+        # Decided once, before the first transition, so a saga keeps one way of upserting.
+        self._visibility_at_rest = workflow.patched(VISIBILITY_AT_REST)
+        # `refund start` and starter.py set the attributes at start; a batch does not.
+        started_as = workflow.info().typed_search_attributes.get(REFUND_STATE) or ""
+        self._listed_state = SagaState(started_as) if started_as in SagaState.__members__ else None
         if request.batch_approval is not None and not self._from_batch():
             # Only the batch that gave the approval can start a saga carrying it: anyone else
             # setting the field is refused before anything is read or changed.
@@ -898,10 +917,24 @@ class RefundSaga:
         if waiting_for != self._status.waiting_for:
             self._status.waiting_since = workflow.now() if waiting_for else None
         self._status.waiting_for = waiting_for
-        if changed or state == SagaState.PREPARING:
+        if self._visibility_at_rest:
+            if self._lists_must_learn(state):
+                self._upsert_search_attributes()
+        elif changed or state == SagaState.PREPARING:
             self._upsert_search_attributes()
         workflow.set_current_details(self._details_markdown())
         self._report_to_batch()
+
+    def _lists_must_learn(self, state: SagaState) -> bool:
+        """Whether this transition goes to the search attributes (VISIBILITY_AT_REST).
+
+        Lists learn the states ops filter on (start, rest, pivot, end) and the step a saga
+        resumes after a rest; the steps after the pivot keep the listed state until the end.
+        """
+        listed = self._listed_state
+        if state in LISTED or listed is None or listed in AT_REST:
+            return state != listed
+        return False
 
     def _upsert_search_attributes(self) -> None:
         updates: list[SearchAttributeUpdate[Any]] = [
@@ -915,6 +948,7 @@ class RefundSaga:
         if self._status.amount_cents is not None:
             updates.append(REFUND_AMOUNT_CENTS.value_set(self._status.amount_cents))
         workflow.upsert_search_attributes(updates)
+        self._listed_state = self._status.state
 
     def _details_markdown(self) -> str:
         s = self._status
