@@ -7,13 +7,16 @@ is for laptops, tests and staging, never for a real processor or AMS.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import httpx
 from pydantic import BaseModel
+from sqlalchemy import insert, select
 
 from refundsaga.models import EntitlementSource
 from refundsaga.store import OasisStore
+from refundsaga.store.schema import CourseProgress, Purchase, User, utcnow
 
 Scenario = Literal[
     "standard", "already_refunded", "partial", "manual_ams", "oasis_entitled", "pending_refund"
@@ -134,3 +137,136 @@ def seed(
             for scenario in scenarios
             for _ in range(count)
         ]
+
+
+@dataclass(frozen=True)
+class Buyer:
+    """One purchase of an event, seeded in the store and both sandboxes (identifiers only)."""
+
+    purchase_id: int
+    user_id: int
+    product_id: int
+    charge_id: str
+    amount_cents: int
+    ams_member_id: str | None
+
+
+def seed_buyers(
+    store: OasisStore,
+    *,
+    processor_url: str,
+    ams_url: str,
+    count: int,
+    source: EntitlementSource = "ams",
+    price_cents: int = 9_995,
+    progress: int = 3,
+    http: httpx.Client | None = None,
+) -> tuple[int, list[Buyer]]:
+    """A new product and `count` buyers of it, fast: one bulk insert per table.
+
+    Charges (and AMS entitlements) go through the sandboxes' admin APIs, one request each, so
+    the processor and the AMS hold exactly what the store says.
+
+    Returns:
+        The product id and the buyers, by purchase id.
+    """
+    tag = secrets.token_hex(4)
+    code = f"EVT-{tag.upper()}"
+    product_id = store.create_product(
+        code=code, title=f"Cancelled event {tag}", entitlement_source=source
+    )
+    own = http is None
+    client = http or httpx.Client(timeout=30.0)
+    try:
+        charges: list[str] = []
+        members: list[str | None] = []
+        for n in range(count):
+            response = client.post(
+                f"{processor_url}/_sandbox/charges", json={"amount": price_cents, "currency": "usd"}
+            )
+            response.raise_for_status()
+            charges.append(str(response.json()["id"]))
+            member = f"M-{tag.upper()}-{n}" if source != "oasis" else None
+            if member:
+                client.post(
+                    f"{ams_url}/_sandbox/entitlements",
+                    json={"member_id": member, "product_code": code},
+                ).raise_for_status()
+            members.append(member)
+    finally:
+        if own:
+            client.close()
+    now = utcnow()
+    with store.engine.begin() as connection:
+        connection.execute(
+            insert(User),
+            [
+                {
+                    "name": f"Event Buyer {tag} {n}",
+                    "email": f"buyer-{tag}-{n}@example.org",
+                    "ams_member_id": members[n],
+                    "created_at": now,
+                }
+                for n in range(count)
+            ],
+        )
+        by_email = {
+            email: user_id
+            for email, user_id in connection.execute(
+                select(User.email, User.id).where(User.email.like(f"buyer-{tag}-%"))
+            )
+        }
+        user_ids = [by_email[f"buyer-{tag}-{n}@example.org"] for n in range(count)]
+        connection.execute(
+            insert(Purchase),
+            [
+                {
+                    "user_id": user_ids[n],
+                    "product_id": product_id,
+                    "amount_cents": price_cents,
+                    "currency": "usd",
+                    "processor_charge_id": charges[n],
+                    "status": "active",
+                    "refunded_cents": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for n in range(count)
+            ],
+        )
+        purchase_of = {
+            charge_id: purchase_id
+            for charge_id, purchase_id in connection.execute(
+                select(Purchase.processor_charge_id, Purchase.id).where(
+                    Purchase.product_id == product_id
+                )
+            )
+        }
+        if progress:
+            connection.execute(
+                insert(CourseProgress),
+                [
+                    {
+                        "user_id": user_ids[n],
+                        "product_id": product_id,
+                        "item_key": f"module-1/lesson-{i}",
+                        "percent": 100,
+                        "completed_at": now,
+                        "created_at": now,
+                    }
+                    for n in range(count)
+                    for i in range(1, progress + 1)
+                ],
+            )
+    buyers = [
+        Buyer(
+            purchase_id=purchase_of[charges[n]],
+            user_id=user_ids[n],
+            product_id=product_id,
+            charge_id=charges[n],
+            amount_cents=price_cents,
+            ams_member_id=members[n],
+        )
+        for n in range(count)
+    ]
+    return product_id, sorted(buyers, key=lambda b: b.purchase_id)

@@ -54,3 +54,23 @@ def test_bench_runs_once(tmp_path: Path) -> None:
     assert report["saga_per_s"] > 0 and report["baseline_per_s"] > 0
     assert report["history_events_per_saga"] > 0
     assert {"saga", "baseline"} <= set(report["figures"])
+
+
+@pytest.mark.devserver
+def test_batch_bench_runs_once(tmp_path: Path) -> None:
+    out = tmp_path / "batch.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.batch", "--n", "12", "--json-out", str(out)],
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["state"] == "COMPLETED" and report["errors"] == 0
+    assert report["counts"]["done"] == 12 and report["not_refunded"] == 0
+    # Each saga read its charge and refunded it, once.
+    assert report["processor"]["by_kind"] == {"GET charges": 12, "POST refunds": 12}
+    assert report["batch_per_s"] > 0
