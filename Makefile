@@ -6,7 +6,7 @@ PYTHON ?= python3
 N ?= 30
 SEED ?= 1
 
-.PHONY: install up down status demo test lint format bench clean histories chaos batch-1000
+.PHONY: install up down status demo test lint format bench bench-batch clean histories chaos batch-1000
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ histories: install
 bench: N = 500
 bench: install
 	$(PY) -m bench.bench --n $(N)
+
+# One cancelled event of N buyers through the batch path (bench/README.md); N defaults to 1000.
+bench-batch: N = 1000
+bench-batch: install
+	$(PY) -m bench.batch --n $(N)
 
 # N sagas with faults, worker kills and a Temporal restart; checks the invariants.
 chaos: install
