@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from types import TracebackType
-from typing import Any, ClassVar, Protocol, Self, runtime_checkable
-from urllib.parse import quote
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import httpx
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
+from refundsaga.http import JsonApiClient, json_object, segment
 from refundsaga.models import Record
 
 logger = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ class AmsClient(Protocol):
         ...
 
 
-class HttpAmsClient:
+class HttpAmsClient(JsonApiClient):
     """`AmsClient` for the AMS entitlement HTTP API (as the AMS sandbox serves it).
 
     Args:
@@ -137,49 +136,13 @@ class HttpAmsClient:
         transport: Optional httpx transport (tests).
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: SecretStr,
-        *,
-        timeout_s: float = 10.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers={
-                "Authorization": f"Bearer {api_key.get_secret_value()}",
-                "Accept": "application/json",
-                "User-Agent": "refundsaga/0.1",
-            },
-            timeout=httpx.Timeout(timeout_s),
-            transport=transport,
-            follow_redirects=False,
-        )
-
-    def __repr__(self) -> str:
-        return f"HttpAmsClient(base_url={self.base_url!r})"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._http.aclose()
+    unavailable = AmsUnavailable
+    logger = logger
 
     async def list_entitlements(self, member_id: str) -> list[AmsEntitlement]:
         """The member's active entitlements (see `AmsClient.list_entitlements`)."""
-        response = await self._request("GET", f"/v1/members/{_segment(member_id)}/entitlements")
-        body = _json_object(response)
+        response = await self._request("GET", f"/v1/members/{segment(member_id)}/entitlements")
+        body = json_object(response)
         if not response.is_success:
             raise _error_from(response, body)
         data = body.get("data") if body else None
@@ -201,9 +164,9 @@ class HttpAmsClient:
         self, member_id: str, product_code: str, *, idempotency_key: str
     ) -> AmsRemoval:
         """Remove one entitlement (see `AmsClient.remove_entitlement`)."""
-        path = f"/v1/members/{_segment(member_id)}/entitlements/{_segment(product_code)}"
+        path = f"/v1/members/{segment(member_id)}/entitlements/{segment(product_code)}"
         response = await self._request("DELETE", path, idempotency_key=idempotency_key)
-        body = _json_object(response)
+        body = json_object(response)
         if response.is_success:
             return AmsRemoval(
                 member_id=member_id, product_code=product_code, removed=True, already_absent=False
@@ -224,33 +187,7 @@ class HttpAmsClient:
     async def _request(
         self, method: str, path: str, *, idempotency_key: str | None = None
     ) -> httpx.Response:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        try:
-            response = await self._http.request(method, path, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise AmsUnavailable(f"{method} {path} timed out ({type(exc).__name__})") from exc
-        except httpx.RequestError as exc:
-            raise AmsUnavailable(f"{method} {path} failed ({type(exc).__name__})") from exc
-        logger.debug(
-            "ams %s %s -> %s (idempotency_key=%s)",
-            method,
-            path,
-            response.status_code,
-            idempotency_key,
-        )
-        return response
-
-
-def _segment(value: str) -> str:
-    return quote(value, safe="")
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
+        return await self._send(method, path, idempotency_key=idempotency_key)
 
 
 def _error_code(body: dict[str, Any] | None) -> str | None:

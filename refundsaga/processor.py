@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from types import TracebackType
-from typing import Any, ClassVar, Literal, ParamSpec, Self, TypeVar
-from urllib.parse import quote
+from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 
 import httpx
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, ValidationError
 
+from refundsaga.http import JsonApiClient, json_object, segment
 from refundsaga.models import Record
 
 logger = logging.getLogger(__name__)
@@ -128,7 +127,7 @@ class ProcessorUnavailable(ProcessorError):
     retryable: ClassVar[bool] = True
 
 
-class ProcessorClient:
+class ProcessorClient(JsonApiClient):
     """Client for Stripe's refunds API, or anything that speaks it (the processor sandbox).
 
     Owns one `httpx.AsyncClient`; close it with `aclose()` or use `async with`.
@@ -140,44 +139,8 @@ class ProcessorClient:
         transport: Optional httpx transport (tests).
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: SecretStr,
-        *,
-        timeout_s: float = 10.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers={
-                "Authorization": f"Bearer {api_key.get_secret_value()}",
-                "Accept": "application/json",
-                "User-Agent": "refundsaga/0.1",
-            },
-            timeout=httpx.Timeout(timeout_s),
-            transport=transport,
-            follow_redirects=False,
-        )
-
-    def __repr__(self) -> str:
-        return f"ProcessorClient(base_url={self.base_url!r})"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._http.aclose()
+    unavailable = ProcessorUnavailable
+    logger = logger
 
     async def get_charge(self, charge_id: str) -> ProcessorCharge:
         """Fetch a charge; a `pi_...` id fetches the PaymentIntent's latest charge.
@@ -199,7 +162,7 @@ class ProcessorClient:
                 )
             body = data[0]
         else:
-            body = await self._request("GET", f"/v1/charges/{_segment(charge_id)}")
+            body = await self._request("GET", f"/v1/charges/{segment(charge_id)}")
         return _parse(_charge, body)
 
     async def create_refund(
@@ -253,7 +216,7 @@ class ProcessorClient:
             ProcessorError: Any other failure.
         """
         body = await self._request(
-            "GET", f"/v1/refunds/{_segment(refund_id)}", not_found=ProcessorRejected
+            "GET", f"/v1/refunds/{segment(refund_id)}", not_found=ProcessorRejected
         )
         return _parse(_refund, body, fallback_charge_id=None)
 
@@ -294,24 +257,10 @@ class ProcessorClient:
         idempotency_key: str | None = None,
         not_found: type[ProcessorError] = ChargeNotFound,
     ) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        try:
-            response = await self._http.request(
-                method, path, params=params, data=data, headers=headers
-            )
-        except httpx.TimeoutException as exc:
-            raise ProcessorUnavailable(f"{method} {path} timed out ({type(exc).__name__})") from exc
-        except httpx.RequestError as exc:
-            raise ProcessorUnavailable(f"{method} {path} failed ({type(exc).__name__})") from exc
-        logger.debug(
-            "processor %s %s -> %s (idempotency_key=%s, replayed=%s)",
-            method,
-            path,
-            response.status_code,
-            idempotency_key,
-            response.headers.get("idempotent-replayed"),
+        response = await self._send(
+            method, path, params=params, data=data, idempotency_key=idempotency_key
         )
-        body = _json_object(response)
+        body = json_object(response)
         if response.is_success:
             if body is None:
                 raise ProcessorUnavailable(
@@ -320,18 +269,6 @@ class ProcessorClient:
                 )
             return body
         raise _error_from(response, body, not_found=not_found)
-
-
-def _segment(value: str) -> str:
-    return quote(value, safe="")
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
 
 
 def _error_from(
