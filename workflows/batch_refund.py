@@ -22,6 +22,7 @@ from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 from workflows.refund_saga import RefundSaga
+from workflows.waiting import wait_for_decision
 
 with workflow.unsafe.imports_passed_through():
     from activities.batch_activities import BatchActivities
@@ -202,23 +203,17 @@ class BatchRefund:
         policy = summary.policy
         self._set_state(BatchState.AWAITING_APPROVAL, WaitingFor.APPROVAL)
         await self._notify("approval_requested", describe_summary(summary))
-        deadline = workflow.now() + policy.approval_timeout
-        while not self._approved() and self._rejected_by is None:
-            remaining = deadline - workflow.now()
-            if remaining <= timedelta(0):
-                self._status.error = f"no decision within {policy.approval_timeout}"
-                self._set_state(BatchState.EXPIRED)
-                self._mark("approve", "expired: nothing changed", "policy")
-                return False
-            try:
-                await workflow.wait_condition(
-                    lambda: self._approved() or self._rejected_by is not None,
-                    timeout=min(remaining, policy.reminder_every),
-                    timeout_summary="approval reminder",
-                )
-            except TimeoutError:
-                if workflow.now() < deadline:
-                    await self._notify("approval_reminder", "the batch still waits for approval")
+        outcome = await wait_for_decision(
+            lambda: self._approved() or self._rejected_by is not None,
+            deadline=workflow.now() + policy.approval_timeout,
+            reminder_every=policy.reminder_every,
+            remind=lambda: self._notify("approval_reminder", "the batch still waits for approval"),
+        )
+        if outcome != "decided":
+            self._status.error = f"no decision within {policy.approval_timeout}"
+            self._set_state(BatchState.EXPIRED)
+            self._mark("approve", "expired: nothing changed", "policy")
+            return False
         if self._rejected_by is not None:
             self._set_state(BatchState.REJECTED)
             return False

@@ -16,6 +16,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from workflows.waiting import wait_for_decision
+
 with workflow.unsafe.imports_passed_through():
     from activities.refund_activities import RefundActivities
     from refundsaga.approval import refusal_reason
@@ -293,23 +295,17 @@ class RefundSaga:
             return True
         self._set_state(SagaState.AWAITING_APPROVAL, WaitingFor.APPROVAL)
         await self._notify("approval_requested", describe_plan(plan))
-        deadline = workflow.now() + plan.policy.approval_timeout
-        while not self._approved() and self._rejected_by is None:
-            remaining = deadline - workflow.now()
-            if remaining <= timedelta(0):
-                self._status.error = f"no decision within {plan.policy.approval_timeout}"
-                self._set_state(SagaState.EXPIRED)
-                self._mark("approve", "expired: nothing changed", "policy")
-                return False
-            try:
-                await workflow.wait_condition(
-                    lambda: self._approved() or self._rejected_by is not None,
-                    timeout=min(remaining, plan.policy.reminder_every),
-                    timeout_summary="approval reminder",
-                )
-            except TimeoutError:
-                if workflow.now() < deadline:
-                    await self._notify("approval_reminder", "still waiting for approval")
+        outcome = await wait_for_decision(
+            lambda: self._approved() or self._rejected_by is not None,
+            deadline=workflow.now() + plan.policy.approval_timeout,
+            reminder_every=plan.policy.reminder_every,
+            remind=lambda: self._notify("approval_reminder", "still waiting for approval"),
+        )
+        if outcome != "decided":
+            self._status.error = f"no decision within {plan.policy.approval_timeout}"
+            self._set_state(SagaState.EXPIRED)
+            self._mark("approve", "expired: nothing changed", "policy")
+            return False
         if self._rejected_by is not None:
             self._set_state(SagaState.REJECTED)
             return False

@@ -16,6 +16,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from workflows.waiting import wait_for_decision
+
 with workflow.unsafe.imports_passed_through():
     from activities.batch_activities import RESTORE_REFUSED, BatchActivities
     from activities.refund_activities import RefundActivities
@@ -158,34 +160,27 @@ class RestoreProgress:
             f"restore {check.rows} progress record(s) revoked by {check.saga_workflow_id}",
             check.purchase_id,
         )
-        deadline = workflow.now() + policy.approval_timeout
         expiry = self._status.expires_at
         assert expiry is not None
-        while not self._approved() and self._rejected_by is None:
-            now = workflow.now()
-            if now >= expiry:
-                self._status.error = (
-                    "the snapshot expired while waiting for approval: it can no longer be restored"
-                )
-                self._set_state(RestoreState.EXPIRED)
-                return False
-            if now >= deadline:
-                self._status.error = f"no decision within {policy.approval_timeout}"
-                self._set_state(RestoreState.EXPIRED)
-                return False
-            try:
-                await workflow.wait_condition(
-                    lambda: self._approved() or self._rejected_by is not None,
-                    timeout=min(deadline - now, expiry - now, policy.reminder_every),
-                    timeout_summary="approval reminder",
-                )
-            except TimeoutError:
-                if workflow.now() < min(deadline, expiry):
-                    await self._notify(
-                        "approval_reminder",
-                        "the restore still waits for approval",
-                        check.purchase_id,
-                    )
+        outcome = await wait_for_decision(
+            lambda: self._approved() or self._rejected_by is not None,
+            deadline=workflow.now() + policy.approval_timeout,
+            reminder_every=policy.reminder_every,
+            remind=lambda: self._notify(
+                "approval_reminder", "the restore still waits for approval", check.purchase_id
+            ),
+            ends_at=expiry,
+        )
+        if outcome == "ended":
+            self._status.error = (
+                "the snapshot expired while waiting for approval: it can no longer be restored"
+            )
+            self._set_state(RestoreState.EXPIRED)
+            return False
+        if outcome == "deadline":
+            self._status.error = f"no decision within {policy.approval_timeout}"
+            self._set_state(RestoreState.EXPIRED)
+            return False
         if self._rejected_by is not None:
             self._set_state(RestoreState.REJECTED)
             return False
