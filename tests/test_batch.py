@@ -19,7 +19,9 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import update
+from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.common import RawValue
 
 from refundsaga.approval import policy_from_settings
 from refundsaga.batch import (
@@ -429,6 +431,32 @@ async def test_a_rejected_batch_changes_nothing(batch_world: SagaWorld) -> None:
     assert all(held(world, b.charge_id) == (0, 0) for b in buyers)
     trail = world.store.audit_trail(workflow_id=handle.id)
     assert [e.event for e in trail] == ["rejected", "batch_ended"]
+
+
+async def test_malformed_signals_are_ignored_and_the_batch_still_decides(
+    batch_world: SagaWorld,
+) -> None:
+    world = batch_world
+    product_id, buyers = seed(world, 1)
+    handle = await start_batch(world, product_id=product_id)
+    await poll(handle, lambda s: s.state == BatchState.AWAITING_APPROVAL)
+    # What `temporal workflow signal` can send: payloads the JSON converter hands through.
+    for name, payload in (
+        ("approve", Payload(metadata={"encoding": b"binary/plain"}, data=b"\x00\xff")),
+        ("reject", Payload(metadata={"encoding": b"binary/null"}, data=b"")),
+    ):
+        await handle.signal(name, RawValue(payload))
+    status = await poll(handle, lambda s: len(s.ignored) == 2)
+    assert all(i.reason.startswith("malformed message") for i in status.ignored)
+    # Not wedged: the batch still takes a decision.
+    await asyncio.wait_for(
+        handle.execute_update(
+            BatchRefund.decide, ApprovalDecision(approver="carol", approve=False)
+        ),
+        timeout=30,
+    )
+    assert (await handle.result()).state == BatchState.REJECTED
+    assert held(world, buyers[0].charge_id) == (0, 0)
 
 
 async def test_a_batch_nobody_decides_on_expires(batch_world: SagaWorld) -> None:

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import update
+from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowUpdateFailedError
+from temporalio.common import RawValue
 
 from refundsaga.approval import policy_from_settings
 from refundsaga.contracts import (
@@ -394,3 +396,29 @@ def test_cli_restores_a_mistaken_revoke_within_the_window_and_refuses_after(
     ensured = refund_json(live_stack, "schedules", "ensure")
     assert ensured["outcome"] == "updated"  # `refund stack up` created it
     assert refund_json(live_stack, "schedules", "ensure")["outcome"] == "updated"
+
+
+async def test_malformed_signals_are_ignored_and_the_restore_still_decides(
+    batch_world: SagaWorld,
+) -> None:
+    world = batch_world
+    purchase, saga = await completed_saga(world)
+    handle = await start_restore(world, saga)
+    await settled(handle, RestoreState.AWAITING_APPROVAL)
+    for name, payload in (
+        ("approve", Payload(metadata={"encoding": b"binary/plain"}, data=b"\x00\xff")),
+        ("reject", Payload(metadata={"encoding": b"binary/null"}, data=b"")),
+    ):
+        await handle.signal(name, RawValue(payload))
+    for _ in range(400):
+        status: RestoreStatus = await handle.query(RestoreProgress.restore_status)
+        if len(status.ignored) == 2:
+            break
+        await asyncio.sleep(0.025)
+    assert [i.reason.startswith("malformed message") for i in status.ignored] == [True, True]
+    await handle.execute_update(
+        RestoreProgress.decide, ApprovalDecision(approver="bob", approve=False)
+    )
+    assert (await handle.result()).state == RestoreState.REJECTED
+    snapshot = world.store.load_purchase(purchase.purchase_id)
+    assert snapshot is not None and snapshot.progress_count == 0

@@ -22,7 +22,7 @@ from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 from workflows.refund_saga import RefundSaga
-from workflows.waiting import wait_for_decision
+from workflows.waiting import ignored_malformed, malformed, wait_for_decision
 
 with workflow.unsafe.imports_passed_through():
     from activities.batch_activities import BatchActivities
@@ -257,12 +257,14 @@ class BatchRefund:
     @workflow.signal
     def approve(self, decision: ApprovalDecision) -> None:
         """Approve the batch (fire and forget; a refused approval is recorded as ignored)."""
-        self._signal_decision(decision.model_copy(update={"approve": True}))
+        if not ignored_malformed("approve", decision, ApprovalDecision, self._ignore):
+            self._signal_decision(decision.model_copy(update={"approve": True}))
 
     @workflow.signal
     def reject(self, decision: ApprovalDecision) -> None:
         """Reject the batch: nothing changes, it ends REJECTED."""
-        self._signal_decision(decision.model_copy(update={"approve": False}))
+        if not ignored_malformed("reject", decision, ApprovalDecision, self._ignore):
+            self._signal_decision(decision.model_copy(update={"approve": False}))
 
     def _signal_decision(self, decision: ApprovalDecision) -> None:
         reason = self._decision_refusal(decision)
@@ -285,7 +287,7 @@ class BatchRefund:
 
     @decide.validator
     def _validate_decide(self, decision: ApprovalDecision) -> None:
-        reason = self._decision_refusal(decision)
+        reason = malformed(decision, ApprovalDecision) or self._decision_refusal(decision)
         if reason:
             raise ValueError(reason)
 

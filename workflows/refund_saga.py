@@ -16,7 +16,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows.waiting import wait_for_decision
+from workflows.waiting import ignored_malformed, malformed, wait_for_decision
 
 with workflow.unsafe.imports_passed_through():
     from activities.refund_activities import RefundActivities
@@ -144,18 +144,6 @@ def _error_text(err: BaseException) -> str:
     if isinstance(cause, ApplicationError):
         return f"{cause.type or 'Error'}: {cause.message}"
     return str(cause)
-
-
-def _malformed(message: object, model: type) -> str | None:
-    """Why a signal or update argument is not its model, or None.
-
-    The converter validates JSON payloads against the handler's type but hands other encodings
-    (binary/plain, binary/null) through as they are; such a message would crash the handler
-    and fail every workflow task after it, wedging the saga.
-    """
-    if isinstance(message, model):
-        return None
-    return f"malformed message: expected {model.__name__}, got {type(message).__name__}"
 
 
 def _error_type(err: BaseException) -> str | None:
@@ -374,7 +362,7 @@ class RefundSaga:
 
     @decide.validator
     def _validate_decide(self, decision: ApprovalDecision) -> None:
-        reason = _malformed(decision, ApprovalDecision) or self._decision_refusal(decision)
+        reason = malformed(decision, ApprovalDecision) or self._decision_refusal(decision)
         if reason:
             raise ValueError(reason)
 
@@ -699,7 +687,7 @@ class RefundSaga:
 
     @confirm_ams.validator
     def _validate_confirm_ams(self, confirmation: AmsConfirmation) -> None:
-        reason = _malformed(confirmation, AmsConfirmation) or self._confirmation_refusal()
+        reason = malformed(confirmation, AmsConfirmation) or self._confirmation_refusal()
         if reason:
             raise ValueError(reason)
 
@@ -888,7 +876,7 @@ class RefundSaga:
 
     @resolve_attention.validator
     def _validate_resolve(self, resolution: Resolution) -> None:
-        reason = _malformed(resolution, Resolution) or self._resolution_refusal()
+        reason = malformed(resolution, Resolution) or self._resolution_refusal()
         if reason:
             raise ValueError(reason)
 
@@ -972,10 +960,7 @@ class RefundSaga:
         )
 
     def _ignored_malformed(self, kind: str, message: object, model: type) -> bool:
-        reason = _malformed(message, model)
-        if reason:
-            self._ignore(kind, "unknown", reason)
-        return reason is not None
+        return ignored_malformed(kind, message, model, self._ignore)
 
     def _ignore(self, kind: str, by: str, reason: str) -> None:
         self._status.ignored.append(

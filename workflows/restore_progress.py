@@ -16,7 +16,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows.waiting import wait_for_decision
+from workflows.waiting import ignored_malformed, malformed, wait_for_decision
 
 with workflow.unsafe.imports_passed_through():
     from activities.batch_activities import RESTORE_REFUSED, BatchActivities
@@ -224,26 +224,27 @@ class RestoreProgress:
     @workflow.signal
     def approve(self, decision: ApprovalDecision) -> None:
         """Approve the restore (fire and forget; a refused approval is recorded as ignored)."""
-        self._signal_decision(decision.model_copy(update={"approve": True}))
+        if not ignored_malformed("approve", decision, ApprovalDecision, self._ignore):
+            self._signal_decision(decision.model_copy(update={"approve": True}))
 
     @workflow.signal
     def reject(self, decision: ApprovalDecision) -> None:
         """Reject the restore: nothing changes."""
-        self._signal_decision(decision.model_copy(update={"approve": False}))
+        if not ignored_malformed("reject", decision, ApprovalDecision, self._ignore):
+            self._signal_decision(decision.model_copy(update={"approve": False}))
 
     def _signal_decision(self, decision: ApprovalDecision) -> None:
         reason = self._decision_refusal(decision)
         if reason:
-            self._status.ignored.append(
-                IgnoredMessage(
-                    kind="approve" if decision.approve else "reject",
-                    by=decision.approver,
-                    at=workflow.now(),
-                    reason=reason,
-                )
-            )
+            self._ignore("approve" if decision.approve else "reject", decision.approver, reason)
         else:
             self._apply_decision(decision)
+
+    def _ignore(self, kind: str, by: str, reason: str) -> None:
+        self._status.ignored.append(
+            IgnoredMessage(kind=kind, by=by, at=workflow.now(), reason=reason)
+        )
+        workflow.logger.info("ignored %s: %s", kind, reason)
 
     @workflow.update
     async def decide(self, decision: ApprovalDecision) -> DecisionReceipt:
@@ -258,7 +259,7 @@ class RestoreProgress:
 
     @decide.validator
     def _validate_decide(self, decision: ApprovalDecision) -> None:
-        reason = self._decision_refusal(decision)
+        reason = malformed(decision, ApprovalDecision) or self._decision_refusal(decision)
         if reason:
             raise ValueError(reason)
 

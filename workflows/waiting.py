@@ -1,4 +1,5 @@
-"""Waiting for people inside a workflow: one loop for every approval (saga, batch, restore).
+"""Waiting for people inside a workflow (saga, batch, restore): the approval wait, and the guard
+that keeps a malformed message from wedging a workflow.
 
 Workflow code: deterministic (workflow time and durable timers only). The commands it issues
 are exactly those of the loops it replaced, so recorded histories replay unchanged.
@@ -50,3 +51,26 @@ async def wait_for_decision(
             if workflow.now() < until:
                 await remind()
     return "decided"
+
+
+def malformed(message: object, model: type) -> str | None:
+    """Why a signal or update argument is not its model, or None.
+
+    The converter validates JSON payloads against the handler's type but hands other encodings
+    (binary/plain, binary/null) through as they are; such a message would crash the handler
+    and fail every workflow task after it, wedging the workflow for good (the signal stays in
+    its history). Handlers record it as ignored instead; validators refuse it.
+    """
+    if isinstance(message, model):
+        return None
+    return f"malformed message: expected {model.__name__}, got {type(message).__name__}"
+
+
+def ignored_malformed(
+    kind: str, message: object, model: type, ignore: Callable[[str, str, str], None]
+) -> bool:
+    """True when `message` is malformed: then `ignore(kind, "unknown", reason)` recorded it."""
+    reason = malformed(message, model)
+    if reason:
+        ignore(kind, "unknown", reason)
+    return reason is not None
