@@ -562,6 +562,9 @@ def run_cli_batch(
         t0 = time.monotonic()
         for approver in ("bob", "carol")[:approvals]:
             refund_json(live, "approve", batch_id, "--as", approver)
+        # Paced by the start rate or by the processor limit (two calls a saga), whichever binds.
+        limit = live.settings.processor_calls_per_s or float("inf")
+        paced_s = max(count / rate, 2 * count / limit)
         done = refund_json(
             live,
             "batch",
@@ -569,8 +572,8 @@ def run_cli_batch(
             batch_id,
             "--wait",
             "--timeout",
-            str(60 + count / rate * 3),
-            timeout=120 + count / rate * 3,
+            str(60 + paced_s * 3),
+            timeout=120 + paced_s * 3,
         )
         elapsed = time.monotonic() - t0
         assert done["state"] == "COMPLETED", done
