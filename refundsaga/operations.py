@@ -146,7 +146,7 @@ async def describe(client: Client, workflow_id: str) -> WorkflowExecutionDescrip
 async def get_status(client: Client, workflow_id: str) -> SagaStatus:
     """The saga's status: from its result when it has completed, else from the query."""
     description = await describe(client, workflow_id)
-    handle = client.get_workflow_handle_for(RefundSaga.run, workflow_id)
+    handle = client.get_workflow_handle(workflow_id, result_type=SagaStatus)
     if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED:
         return await handle.result()
     try:
@@ -194,7 +194,7 @@ async def _update(client: Client, workflow_id: str, update: Any, message: Any) -
 async def _send_update(
     client: Client, workflow_id: str, update: Any, message: Any, *, run_id: str | None = None
 ) -> DecisionReceipt:
-    handle = client.get_workflow_handle_for(RefundSaga.run, workflow_id, run_id=run_id)
+    handle = client.get_workflow_handle(workflow_id, run_id=run_id)
     try:
         receipt: DecisionReceipt = await handle.execute_update(update, message)
         return receipt
@@ -392,7 +392,7 @@ async def _describe(client: Client, workflow_id: str, what: str) -> WorkflowExec
 async def batch_status(client: Client, batch_id: str) -> BatchStatus:
     """The batch's progress: from its result when it has completed, else from the query."""
     description = await _describe(client, batch_id, "batch")
-    handle = client.get_workflow_handle_for(BatchRefund.run, batch_id)
+    handle = client.get_workflow_handle(batch_id, result_type=BatchStatus)
     if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED:
         return await handle.result()
     try:
@@ -532,7 +532,7 @@ async def start_restore(
 async def restore_status(client: Client, restore_id: str) -> RestoreStatus:
     """The restore's status: from its result when it has completed, else from the query."""
     description = await _describe(client, restore_id, "restore")
-    handle = client.get_workflow_handle_for(RestoreProgress.run, restore_id)
+    handle = client.get_workflow_handle(restore_id, result_type=RestoreStatus)
     if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED:
         return await handle.result()
     try:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 import httpx
 from pydantic import Field, ValidationError
 
-from refundsaga.http import JsonApiClient, json_object, segment
+from refundsaga.api_client import JsonApiClient, json_object, segment
 from refundsaga.models import Record
 
 logger = logging.getLogger(__name__)
