@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from collections import Counter
@@ -29,9 +28,9 @@ from bench.bench import (
     BenchStack,
     bench_stack,
     cpu_seconds,
-    jsonable,
     load_1m,
     wait_for_quiet,
+    write_report,
 )
 from refundsaga import operations as ops
 from refundsaga.batch import max_in_window
@@ -198,13 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             store.close()
         result["seeding_s"] = seed_s
-    result["load_1m_before"] = load_before
-    result["load_1m_after"] = load_1m()
-    print(json.dumps(jsonable(result), indent=2))
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(jsonable(result), indent=2) + "\n")
-    print(f"wrote {args.json_out}")
-    return 0 if result["errors"] == 0 else 1
+    return write_report(result, load_before=load_before, json_out=args.json_out)
 
 
 if __name__ == "__main__":

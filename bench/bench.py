@@ -837,6 +837,19 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def write_report(result: dict[str, Any], *, load_before: float, json_out: Path) -> int:
+    """Stamp the load before and after, print the report as JSON, write it; the exit code
+    (1 when the run saw errors)."""
+    result["load_1m_before"] = load_before
+    result["load_1m_after"] = load_1m()
+    text = json.dumps(jsonable(result), indent=2)
+    print(text)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(text + "\n")
+    print(f"wrote {json_out}")
+    return 0 if result["errors"] == 0 else 1
+
+
 def _fmt(value: float, digits: int = 1) -> str:
     return "-" if value != value else f"{value:,.{digits}f}"
 

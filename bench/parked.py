@@ -24,6 +24,7 @@ from bench.bench import (
     rss_mb,
     seed_standard,
     wait_for_quiet,
+    write_report,
 )
 from refundsaga.contracts import ApprovalDecision, RefundRequest, SagaState, SagaStatus
 from refundsaga.operations import decide_listed, start_refund
@@ -274,13 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["seeding"] = {"purchases": total, "seconds": seed_s}
         result["sandbox_state"] = args.sandbox_state
         result["bytecode"] = args.bytecode
-    result["load_1m_before"] = load_before
-    result["load_1m_after"] = load_1m()
-    print(json.dumps(jsonable(result), indent=2))
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(jsonable(result), indent=2) + "\n")
-    print(f"wrote {args.json_out}")
-    return 0 if result["errors"] == 0 else 1
+    return write_report(result, load_before=load_before, json_out=args.json_out)
 
 
 if __name__ == "__main__":

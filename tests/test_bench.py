@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,13 +34,14 @@ def test_percentile_and_summary() -> None:
     assert jsonable({"x": [float("nan"), 1.0]}) == {"x": [None, 1.0]}
 
 
-@pytest.mark.devserver
-def test_bench_runs_once(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    # A subprocess: the bench sets REFUND_AUTO_APPROVE_BELOW_CENTS in its own environment for
-    # its stack's worker, which must not leak into the other tests' stacks.
+def run_bench(module: str, out: Path, *args: str) -> Any:
+    """Run a bench module once and return its JSON report.
+
+    A subprocess: a bench sets REFUND_* variables in its own environment for its stack's
+    worker, which must not leak into the other tests' stacks.
+    """
     done = subprocess.run(
-        [sys.executable, "-m", "bench.bench", "--n", "5", "--reps", "1", "--json-out", str(out)],
+        [sys.executable, "-m", module, *args, "--json-out", str(out)],
         cwd=REPO,
         env={**os.environ, "COLUMNS": "200"},
         capture_output=True,
@@ -47,7 +49,12 @@ def test_bench_runs_once(tmp_path: Path) -> None:
         timeout=170,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.devserver
+def test_bench_runs_once(tmp_path: Path) -> None:
+    report = run_bench("bench.bench", tmp_path / "bench.json", "--n", "5", "--reps", "1")
     for key in HEADLINE_KEYS:
         assert key in report, key
     assert report["errors"] == 0
@@ -58,17 +65,7 @@ def test_bench_runs_once(tmp_path: Path) -> None:
 
 @pytest.mark.devserver
 def test_batch_bench_runs_once(tmp_path: Path) -> None:
-    out = tmp_path / "batch.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.batch", "--n", "12", "--json-out", str(out)],
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = run_bench("bench.batch", tmp_path / "batch.json", "--n", "12")
     assert report["state"] == "COMPLETED" and report["errors"] == 0
     assert report["counts"]["done"] == 12 and report["not_refunded"] == 0
     # Each saga read its charge and refunded it, once.
