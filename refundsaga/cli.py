@@ -350,7 +350,7 @@ def approve(
         typer.Argument(help="Workflow id (refund-42) or purchase id (42); or use --query."),
     ] = None,
     approver: Annotated[
-        str | None, typer.Option("--as", "--approver", help="Your user name.")
+        str | None, typer.Option("--as", "--approver", help="Your user name (required).")
     ] = None,
     comment: Annotated[str, typer.Option(help="Optional comment.")] = "",
     query: Annotated[
