@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -111,18 +110,6 @@ def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
     return load
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports, held open together while chosen."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100); NaN for no values."""
     if not values:
@@ -137,17 +124,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def bench_settings(data_dir: Path, *, auto_approve_below_cents: int) -> Settings:
     """Settings for a stack on free ports in `data_dir`, never the default ports."""
-    temporal, ui, processor, ams = free_ports(4)
-    return Settings(
-        data_dir=data_dir,
-        temporal_port=temporal,
-        ui_port=ui,
-        processor_port=processor,
-        ams_port=ams,
-        temporal_address=f"{HOST}:{temporal}",
-        temporal_ui_url=f"http://{HOST}:{ui}",
-        processor_url=f"http://{HOST}:{processor}",
-        ams_url=f"http://{HOST}:{ams}",
+    return stack.private_settings(
+        data_dir,
         task_queue=SAGA_QUEUE,
         auto_approve_below_cents=auto_approve_below_cents,
         database_url=None,

@@ -105,6 +105,39 @@ class ComponentStatus:
         return asdict(self)
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports, held open together while chosen."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def private_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings of a stack of its own (tests, chaos, benches): `data_dir`, free loopback ports,
+    never the default ones, and the addresses that go with them; `overrides` on top.
+
+    Every field set here is explicit, so `settings_env` hands all of it to a subprocess.
+    """
+    temporal, ui, processor, ams = free_ports(4)
+    fields: dict[str, Any] = {
+        "data_dir": data_dir,
+        "temporal_port": temporal,
+        "ui_port": ui,
+        "processor_port": processor,
+        "ams_port": ams,
+        "temporal_address": f"{HOST}:{temporal}",
+        "temporal_ui_url": _http_url(ui),
+        "processor_url": _http_url(processor),
+        "ams_url": _http_url(ams),
+    }
+    return Settings(**(fields | overrides))
+
+
 def stack_env(settings: Settings) -> dict[str, str]:
     """The `REFUND_*` environment that points a process at the stack's components.
 
@@ -490,7 +523,7 @@ class _UpRun:
             self.paths.pid(name).unlink(missing_ok=True)
 
 
-def _settings_env(settings: Settings) -> dict[str, str]:
+def settings_env(settings: Settings) -> dict[str, str]:
     """The settings given explicitly (not from defaults) as `REFUND_*` variables, so the worker
     process runs with the Settings object the stack was started with, not only the shell's."""
     env: dict[str, str] = {}
@@ -513,7 +546,7 @@ def _settings_env(settings: Settings) -> dict[str, str]:
 
 
 def _worker_env(settings: Settings) -> dict[str, str]:
-    env = {**os.environ, **_settings_env(settings), **stack_env(settings)}
+    env = {**os.environ, **settings_env(settings), **stack_env(settings)}
     # The keys the sandboxes were started with, so the worker's requests are accepted.
     env["REFUND_PROCESSOR_API_KEY"] = settings.processor_api_key.get_secret_value()
     env["REFUND_AMS_API_KEY"] = settings.ams_api_key.get_secret_value()

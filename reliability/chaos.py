@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -429,32 +428,11 @@ class ChaosConfig:
         return 240 + self.outage_s + 3 * self.n
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports, held open together while chosen."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def chaos_settings(data_dir: Path) -> Settings:
     """Settings of a private stack: its own data dir, free ports, the sandbox keys."""
-    temporal, ui, processor, ams = free_ports(4)
-    return Settings(
-        data_dir=data_dir,
+    return stack.private_settings(
+        data_dir,
         database_url=f"sqlite:///{(data_dir / 'oasis.db').resolve()}",
-        temporal_port=temporal,
-        ui_port=ui,
-        processor_port=processor,
-        ams_port=ams,
-        temporal_address=f"127.0.0.1:{temporal}",
-        temporal_ui_url=f"http://127.0.0.1:{ui}",
-        processor_url=f"http://127.0.0.1:{processor}",
-        ams_url=f"http://127.0.0.1:{ams}",
         processor_api_key=SecretStr(SANDBOX_PROCESSOR_KEY),
         ams_api_key=SecretStr(SANDBOX_AMS_KEY),
         task_queue=TASK_QUEUE,

@@ -23,18 +23,6 @@ from refundsaga.settings import Settings
 pytestmark = pytest.mark.devserver
 
 
-def _free_ports(count: int) -> list[int]:
-    # All held open at once so that the ports differ from each other.
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As servers bind: connections left in TIME_WAIT do not block the port.
@@ -79,7 +67,7 @@ def _custom_search_attributes(address: str) -> set[str]:
 @pytest.fixture
 def stack_settings(tmp_path: Path) -> Iterator[Settings]:
     """Settings on free ports and a tmp data dir; whatever a test left running is stopped."""
-    temporal, ui, processor, ams = _free_ports(4)
+    temporal, ui, processor, ams = stack.free_ports(4)
     settings = Settings(
         _env_file=None,
         data_dir=tmp_path / "stack",
