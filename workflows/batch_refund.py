@@ -22,7 +22,12 @@ from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 from workflows.refund_saga import RefundSaga
-from workflows.waiting import ignored_malformed, malformed, wait_for_decision
+from workflows.waiting import (
+    approval_record,
+    malformed,
+    take_signalled_decision,
+    wait_for_decision,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.batch_activities import BatchActivities
@@ -37,7 +42,6 @@ with workflow.unsafe.imports_passed_through():
     from refundsaga.contracts import (
         BATCH_REPORT_SIGNAL,
         ApprovalDecision,
-        ApprovalRecord,
         BatchApproval,
         BatchCarry,
         BatchChildReport,
@@ -239,15 +243,7 @@ class BatchRefund:
         )
 
     def _apply_decision(self, decision: ApprovalDecision) -> None:
-        self._status.approvals.append(
-            ApprovalRecord(
-                approver=decision.approver,
-                approve=decision.approve,
-                at=workflow.now(),
-                comment=decision.comment,
-                signature=decision.signature,
-            )
-        )
+        self._status.approvals.append(approval_record(decision))
         verb = "approved" if decision.approve else "rejected"
         comment = f": {decision.comment}" if decision.comment else ""
         self._mark("approve", f"{verb} the batch{comment}", decision.approver)
@@ -257,21 +253,24 @@ class BatchRefund:
     @workflow.signal
     def approve(self, decision: ApprovalDecision) -> None:
         """Approve the batch (fire and forget; a refused approval is recorded as ignored)."""
-        if not ignored_malformed("approve", decision, ApprovalDecision, self._ignore):
-            self._signal_decision(decision.model_copy(update={"approve": True}))
+        take_signalled_decision(
+            decision,
+            approve=True,
+            refusal=self._decision_refusal,
+            apply=self._apply_decision,
+            ignore=self._ignore,
+        )
 
     @workflow.signal
     def reject(self, decision: ApprovalDecision) -> None:
         """Reject the batch: nothing changes, it ends REJECTED."""
-        if not ignored_malformed("reject", decision, ApprovalDecision, self._ignore):
-            self._signal_decision(decision.model_copy(update={"approve": False}))
-
-    def _signal_decision(self, decision: ApprovalDecision) -> None:
-        reason = self._decision_refusal(decision)
-        if reason:
-            self._ignore("approve" if decision.approve else "reject", decision.approver, reason)
-        else:
-            self._apply_decision(decision)
+        take_signalled_decision(
+            decision,
+            approve=False,
+            refusal=self._decision_refusal,
+            apply=self._apply_decision,
+            ignore=self._ignore,
+        )
 
     @workflow.update
     async def decide(self, decision: ApprovalDecision) -> DecisionReceipt:

@@ -16,7 +16,13 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows.waiting import ignored_malformed, malformed, wait_for_decision
+from workflows.waiting import (
+    approval_record,
+    ignored_malformed,
+    malformed,
+    take_signalled_decision,
+    wait_for_decision,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.refund_activities import RefundActivities
@@ -27,7 +33,6 @@ with workflow.unsafe.imports_passed_through():
         AmsConfirmation,
         AmsRemovalInput,
         ApprovalDecision,
-        ApprovalRecord,
         BatchBucket,
         BatchChildReport,
         CloseInput,
@@ -317,15 +322,7 @@ class RefundSaga:
         )
 
     def _apply_decision(self, decision: ApprovalDecision) -> None:
-        self._status.approvals.append(
-            ApprovalRecord(
-                approver=decision.approver,
-                approve=decision.approve,
-                at=workflow.now(),
-                comment=decision.comment,
-                signature=decision.signature,
-            )
-        )
+        self._status.approvals.append(approval_record(decision))
         verb = "approved" if decision.approve else "rejected"
         self._mark(
             "approve",
@@ -338,21 +335,24 @@ class RefundSaga:
     @workflow.signal
     def approve(self, decision: ApprovalDecision) -> None:
         """Approve the refund (fire and forget; a refused approval is recorded as ignored)."""
-        if not self._ignored_malformed("approve", decision, ApprovalDecision):
-            self._signal_decision(decision.model_copy(update={"approve": True}))
+        take_signalled_decision(
+            decision,
+            approve=True,
+            refusal=self._decision_refusal,
+            apply=self._apply_decision,
+            ignore=self._ignore,
+        )
 
     @workflow.signal
     def reject(self, decision: ApprovalDecision) -> None:
         """Reject the refund: nothing changes, the saga ends REJECTED."""
-        if not self._ignored_malformed("reject", decision, ApprovalDecision):
-            self._signal_decision(decision.model_copy(update={"approve": False}))
-
-    def _signal_decision(self, decision: ApprovalDecision) -> None:
-        reason = self._decision_refusal(decision)
-        if reason:
-            self._ignore("approve" if decision.approve else "reject", decision.approver, reason)
-        else:
-            self._apply_decision(decision)
+        take_signalled_decision(
+            decision,
+            approve=False,
+            refusal=self._decision_refusal,
+            apply=self._apply_decision,
+            ignore=self._ignore,
+        )
 
     @workflow.update
     async def decide(self, decision: ApprovalDecision) -> DecisionReceipt:

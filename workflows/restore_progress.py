@@ -16,7 +16,12 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows.waiting import ignored_malformed, malformed, wait_for_decision
+from workflows.waiting import (
+    approval_record,
+    malformed,
+    take_signalled_decision,
+    wait_for_decision,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.batch_activities import RESTORE_REFUSED, BatchActivities
@@ -24,7 +29,6 @@ with workflow.unsafe.imports_passed_through():
     from refundsaga.approval import refusal_reason
     from refundsaga.contracts import (
         ApprovalDecision,
-        ApprovalRecord,
         DecisionReceipt,
         IgnoredMessage,
         Notification,
@@ -206,15 +210,7 @@ class RestoreProgress:
         return reason.replace("this refund", "this restore") if reason else None
 
     def _apply_decision(self, decision: ApprovalDecision) -> None:
-        self._status.approvals.append(
-            ApprovalRecord(
-                approver=decision.approver,
-                approve=decision.approve,
-                at=workflow.now(),
-                comment=decision.comment,
-                signature=decision.signature,
-            )
-        )
+        self._status.approvals.append(approval_record(decision))
         verb = "approved" if decision.approve else "rejected"
         comment = f": {decision.comment}" if decision.comment else ""
         self._mark("approve", f"{verb} the restore{comment}", decision.approver)
@@ -224,21 +220,24 @@ class RestoreProgress:
     @workflow.signal
     def approve(self, decision: ApprovalDecision) -> None:
         """Approve the restore (fire and forget; a refused approval is recorded as ignored)."""
-        if not ignored_malformed("approve", decision, ApprovalDecision, self._ignore):
-            self._signal_decision(decision.model_copy(update={"approve": True}))
+        take_signalled_decision(
+            decision,
+            approve=True,
+            refusal=self._decision_refusal,
+            apply=self._apply_decision,
+            ignore=self._ignore,
+        )
 
     @workflow.signal
     def reject(self, decision: ApprovalDecision) -> None:
         """Reject the restore: nothing changes."""
-        if not ignored_malformed("reject", decision, ApprovalDecision, self._ignore):
-            self._signal_decision(decision.model_copy(update={"approve": False}))
-
-    def _signal_decision(self, decision: ApprovalDecision) -> None:
-        reason = self._decision_refusal(decision)
-        if reason:
-            self._ignore("approve" if decision.approve else "reject", decision.approver, reason)
-        else:
-            self._apply_decision(decision)
+        take_signalled_decision(
+            decision,
+            approve=False,
+            refusal=self._decision_refusal,
+            apply=self._apply_decision,
+            ignore=self._ignore,
+        )
 
     def _ignore(self, kind: str, by: str, reason: str) -> None:
         self._status.ignored.append(
