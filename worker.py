@@ -15,7 +15,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.batch_activities import BatchActivities
 from activities.refund_activities import RefundActivities
@@ -65,6 +66,17 @@ async def saga_activities(settings: Settings) -> AsyncIterator[RefundActivities]
         store.close()
 
 
+def workflow_runner(settings: Settings) -> WorkflowRunner:
+    """The SDK's sandbox when `REFUND_WORKFLOW_SANDBOX` is true, else the plain runner.
+
+    The plain runner imports the workflow modules once per process instead of once per
+    workflow run; determinism is checked by the tests, which run the sandbox (settings.py).
+    """
+    if settings.workflow_sandbox:
+        return SandboxedWorkflowRunner()
+    return UnsandboxedWorkflowRunner()
+
+
 WORKFLOWS: list[type] = [RefundSaga, BatchRefund, RestoreProgress, PurgeExpiredSnapshots]
 
 
@@ -94,6 +106,7 @@ def build_workers(
             max_concurrent_activities=settings.max_concurrent_activities,
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
             max_cached_workflows=settings.max_cached_workflows,
+            workflow_runner=workflow_runner(settings),
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         ),
         Worker(

@@ -10,6 +10,7 @@ from datetime import timedelta
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 # The standard saga with auto-approval runs seven activities: prepare, refund, record, revoke,
 # deentitle, verify, close. The baseline runs as many, so the ratio compares the saga's own
@@ -80,10 +81,16 @@ class BenchBaselineSearchAttributes:
         self._go = True
 
 
+def sandboxed_queue(baseline_queue: str) -> str:
+    """Where the bench worker runs the baseline in the SDK's sandbox (`baseline_sandboxed`)."""
+    return f"{baseline_queue}-sandboxed"
+
+
 async def _serve(baseline_queue: str) -> None:
     # Imported here: a test that only needs the workflow classes should not load settings.
     from refundsaga.settings import get_settings
     from refundsaga.temporal import connect
+    from worker import workflow_runner
 
     settings = get_settings()
     client = await connect(settings)
@@ -91,17 +98,26 @@ async def _serve(baseline_queue: str) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # Same concurrency limits as the stack's saga worker, so neither side gets more slots.
-    worker = Worker(
-        client,
-        task_queue=baseline_queue,
-        workflows=[BenchBaseline, BenchBaselineSearchAttributes],
-        activities=[noop_step],
-        max_concurrent_activities=settings.max_concurrent_activities,
-        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-    )
-    async with worker:
-        print("bench worker polling", baseline_queue, flush=True)
+    # Same concurrency limits and workflow runner as the stack's saga worker, so neither side
+    # gets more; the second queue runs the baseline in the SDK's sandbox whatever the setting.
+    workers = [
+        Worker(
+            client,
+            task_queue=queue,
+            workflows=[BenchBaseline, BenchBaselineSearchAttributes],
+            activities=[noop_step],
+            max_concurrent_activities=settings.max_concurrent_activities,
+            max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+            max_cached_workflows=settings.max_cached_workflows,
+            workflow_runner=runner,
+        )
+        for queue, runner in (
+            (baseline_queue, workflow_runner(settings)),
+            (sandboxed_queue(baseline_queue), SandboxedWorkflowRunner()),
+        )
+    ]
+    async with workers[0], workers[1]:
+        print("bench worker polling", baseline_queue, sandboxed_queue(baseline_queue), flush=True)
         await stop.wait()
 
 

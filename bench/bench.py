@@ -34,6 +34,7 @@ from bench.baseline import (
     BASELINE_WORKFLOW,
     GO_SIGNAL,
     STANDARD_SAGA_ACTIVITIES,
+    sandboxed_queue,
 )
 from refundsaga import search_attributes as sa
 from refundsaga import stack
@@ -54,7 +55,7 @@ STACK_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
 AUTO_APPROVE_ALL_CENTS = 1_000_000
 SAGA_QUEUE = "bench-saga"
 BASELINE_QUEUE = "bench-baseline"
-VARIANTS = ("saga", "baseline", "baseline_sa")
+VARIANTS = ("saga", "baseline", "baseline_sa", "baseline_sandboxed")
 # A saga that never completes (NEEDS_ATTENTION) must not hang the bench.
 WORKFLOW_TIMEOUT_S = 300.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -338,7 +339,7 @@ def bench_stack(
             start_new_session=True,
         )
         log.close()
-        queues = [BASELINE_QUEUE]
+        queues = [BASELINE_QUEUE, sandboxed_queue(BASELINE_QUEUE)]
 
         async def ready() -> None:
             client = await connect(settings)
@@ -665,7 +666,8 @@ async def run_variant(
     _run_counter += 1
     run = _run_counter
     starts: list[Callable[[], Awaitable[WorkflowHandle[Any, Any]]]]
-    if variant == "baseline":
+    if variant in ("baseline", "baseline_sandboxed"):
+        queue = BASELINE_QUEUE if variant == "baseline" else sandboxed_queue(BASELINE_QUEUE)
 
         def baseline(i: int) -> Callable[[], Awaitable[WorkflowHandle[Any, Any]]]:
             # Signal-with-start: one RPC like the saga's start, and the one signal the
@@ -673,8 +675,8 @@ async def run_variant(
             return lambda: client.start_workflow(
                 BASELINE_WORKFLOW,
                 baseline_steps,
-                id=f"baseline-{run}-{i}",
-                task_queue=BASELINE_QUEUE,
+                id=f"{variant}-{run}-{i}",
+                task_queue=queue,
                 start_signal=GO_SIGNAL,
             )
 
@@ -755,6 +757,16 @@ def build_report(
         ratios["own_cpu_ratio"] = summarize(
             [s["own_cpu_s_per_wf"] / b["own_cpu_s_per_wf"] for s, b in pairs]
         )
+    if "saga" in variants and "baseline_sandboxed" in variants:
+        # The same naive shape in the SDK's sandbox, its default: what a team that did not
+        # measure would run.
+        ratios["throughput_ratio_vs_sandboxed_baseline"] = summarize(
+            [
+                next(w for w in rep if w.variant == "saga").figures()["per_s"]
+                / next(w for w in rep if w.variant == "baseline_sandboxed").figures()["per_s"]
+                for rep in waves
+            ]
+        )
 
     def med(variant: str, key: str) -> float:
         return figures.get(variant, {}).get(key, {}).get("median", float("nan"))
@@ -770,6 +782,9 @@ def build_report(
         "baseline_p95_ms": med("baseline", "p95_ms"),
         "baseline_p99_ms": med("baseline", "p99_ms"),
         "p95_ratio": ratios.get("p95_ratio", {}).get("median", float("nan")),
+        "throughput_ratio_vs_sandboxed_baseline": ratios.get(
+            "throughput_ratio_vs_sandboxed_baseline", {}
+        ).get("median", float("nan")),
         "history_events_per_saga": med("saga", "history_events"),
         "workflow_tasks_per_saga": med("saga", "history_workflow_tasks"),
         "saga_worker_cpu_s_per_saga": med("saga", "worker_cpu_s_per_wf"),
@@ -984,7 +999,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
         "--variants",
-        default="saga,baseline",
+        default="saga,baseline,baseline_sandboxed",
         help=f"comma-separated, from {', '.join(VARIANTS)}",
     )
     parser.add_argument(

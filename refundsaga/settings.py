@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     # The SDK's default is 1,000; at ~0.26 MiB a cached saga that is most of a worker's memory
     # when thousands wait for approval (bench/README.md, parked sagas).
     max_cached_workflows: int = Field(default=500, ge=0)
+    # The SDK's workflow sandbox re-imports the workflow module for every workflow run and
+    # runs each activation through its import guard: ~40 % of the saga worker's CPU
+    # (bench/README.md). The worker runs without it; the tests run every saga with it, and CI
+    # replays every recorded history under both runners (tests/test_replay.py), so a
+    # non-deterministic call fails there, not in production. True: the sandbox here too.
+    workflow_sandbox: bool = False
     log_format: Literal["auto", "json", "text"] = "auto"
 
     @field_validator(

@@ -60,7 +60,8 @@ def test_bench_runs_once(tmp_path: Path) -> None:
     assert report["errors"] == 0
     assert report["saga_per_s"] > 0 and report["baseline_per_s"] > 0
     assert report["history_events_per_saga"] > 0
-    assert {"saga", "baseline"} <= set(report["figures"])
+    assert {"saga", "baseline", "baseline_sandboxed"} <= set(report["figures"])
+    assert report["throughput_ratio_vs_sandboxed_baseline"] > 0
 
 
 @pytest.mark.devserver

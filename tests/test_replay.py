@@ -3,6 +3,9 @@
 The histories in tests/histories/ were recorded from every saga path (`make histories`). A
 change to the workflow's command sequence that would break running sagas fails here, in CI,
 instead of in production; such a change needs `workflow.patched`.
+
+Each history replays twice: in the SDK's sandbox, which refuses non-deterministic calls along
+every recorded path, and on the plain runner the production worker uses (worker.py).
 """
 
 from __future__ import annotations
@@ -14,11 +17,16 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from worker import WORKFLOWS
 from workflows.refund_saga import RefundSaga
 
+RUNNERS: dict[str, type[WorkflowRunner]] = {
+    "sandboxed": SandboxedWorkflowRunner,
+    "plain": UnsandboxedWorkflowRunner,
+}
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*/*.json"))
 VERSIONS = sorted({path.parent.name for path in HISTORIES})
 
@@ -46,10 +54,15 @@ def test_there_are_recorded_histories_of_every_end(version: str) -> None:
     assert ends >= {"COMPLETED", "REJECTED", "EXPIRED", "FAILED", "CANCELLED"}
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("path", HISTORIES, ids=[f"{p.parent.name}/{p.stem}" for p in HISTORIES])
-async def test_history_replays(path: Path) -> None:
+async def test_history_replays(path: Path, runner: str) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
-    replayer = Replayer(workflows=[RefundSaga], data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=[RefundSaga],
+        data_converter=pydantic_data_converter,
+        workflow_runner=RUNNERS[runner](),
+    )
     await replayer.replay_workflow(history)
 
 
@@ -70,8 +83,13 @@ def test_there_are_recorded_batch_and_restore_histories() -> None:
     assert EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED in ends
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("path", OTHER, ids=[f"{p.parent.name}/{p.stem}" for p in OTHER])
-async def test_batch_and_restore_history_replays(path: Path) -> None:
+async def test_batch_and_restore_history_replays(path: Path, runner: str) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
-    replayer = Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=WORKFLOWS,
+        data_converter=pydantic_data_converter,
+        workflow_runner=RUNNERS[runner](),
+    )
     await replayer.replay_workflow(history)
