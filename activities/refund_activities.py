@@ -35,7 +35,6 @@ from refundsaga.contracts import (
     RecordRefundsInput,
     RefundPlan,
     RevokeInput,
-    SagaState,
     SettleInput,
     VerifyInput,
 )
@@ -308,20 +307,13 @@ class RefundActivities:
             for r in inp.resolutions
         ]
         with _translated():
-            if inp.state == SagaState.COMPLETED:
-                await asyncio.to_thread(
-                    lambda: self._store.complete_refund(
-                        purchase_id=inp.purchase_id,
-                        workflow_id=inp.workflow_id,
-                        outcome=inp.state.value,
-                        revoked=inp.revoked,
-                    )
-                )
+            # One transaction: the purchase's final status (when COMPLETED) and the end.
             first = await asyncio.to_thread(
-                lambda: self._store.record_saga_end(
+                lambda: self._store.close_saga(
                     workflow_id=inp.workflow_id,
                     purchase_id=inp.purchase_id,
                     state=inp.state.value,
+                    revoked=inp.revoked,
                     decisions=decisions,
                     detail=dict(inp.detail),
                 )

@@ -495,6 +495,58 @@ def test_complete_refund_is_audited_once(store: OasisStore, seeded: Seeded) -> N
     assert completed[0].actor == "refund-saga"
 
 
+def test_close_saga_completes_and_records_the_end_once(store: OasisStore, seeded: Seeded) -> None:
+    store.record_refunds(seeded.purchase_id, [entry("re_1", 100)], workflow_id=WORKFLOW)
+    decisions = [("approved", "bob", {"at": "2026-12-01T00:00:00+00:00", "comment": None})]
+
+    firsts = [
+        store.close_saga(
+            workflow_id=WORKFLOW,
+            purchase_id=seeded.purchase_id,
+            state="COMPLETED",
+            revoked=True,
+            decisions=decisions,
+            detail={"branch": "refund"},
+        )
+        for _ in range(2)
+    ]
+
+    assert firsts == [True, False]
+    events = [e.event for e in store.audit_trail(workflow_id=WORKFLOW)]
+    assert events == ["refund_recorded", "refund_completed", "approved", "saga_ended"]
+    assert store.access_facts(seeded.user_id, seeded.product_id).active_purchase is False
+    ended = store.audit_trail(workflow_id=WORKFLOW)[-1]
+    assert ended.detail == {"state": "COMPLETED", "branch": "refund"}
+
+
+def test_close_saga_of_another_end_leaves_the_purchase(store: OasisStore, seeded: Seeded) -> None:
+    assert store.close_saga(
+        workflow_id=WORKFLOW,
+        purchase_id=seeded.purchase_id,
+        state="REJECTED",
+        revoked=False,
+        decisions=[("rejected", "bob", {})],
+        detail={},
+    )
+
+    assert [e.event for e in store.audit_trail(workflow_id=WORKFLOW)] == ["rejected", "saga_ended"]
+    assert store.access_facts(seeded.user_id, seeded.product_id).active_purchase is True
+
+
+def test_close_saga_writes_nothing_when_the_purchase_is_gone(store: OasisStore) -> None:
+    with pytest.raises(PurchaseNotFound):
+        store.close_saga(
+            workflow_id=WORKFLOW,
+            purchase_id=424242,
+            state="COMPLETED",
+            revoked=True,
+            decisions=[("approved", "bob", {})],
+            detail={},
+        )
+
+    assert store.audit_trail(workflow_id=WORKFLOW) == []
+
+
 # -- audit ---------------------------------------------------------------------------------
 
 

@@ -492,18 +492,29 @@ class OasisStore:
             PurchaseNotFound: No such purchase.
         """
         with self._write() as session:
-            purchase = self._locked_purchase(session, purchase_id)
-            if revoked and purchase.status != "refunded":
-                purchase.status = "revoked"
-            if not self._has_event(session, workflow_id=workflow_id, event="refund_completed"):
-                self._audit(
-                    session,
-                    event="refund_completed",
-                    workflow_id=workflow_id,
-                    purchase_id=purchase_id,
-                    detail={"outcome": outcome, "revoked": revoked, "status": purchase.status},
-                )
-            return cast(PurchaseStatus, purchase.status)
+            return self._complete_refund(
+                session,
+                purchase_id=purchase_id,
+                workflow_id=workflow_id,
+                outcome=outcome,
+                revoked=revoked,
+            )
+
+    def _complete_refund(
+        self, session: Session, *, purchase_id: int, workflow_id: str, outcome: str, revoked: bool
+    ) -> PurchaseStatus:
+        purchase = self._locked_purchase(session, purchase_id)
+        if revoked and purchase.status != "refunded":
+            purchase.status = "revoked"
+        if not self._has_event(session, workflow_id=workflow_id, event="refund_completed"):
+            self._audit(
+                session,
+                event="refund_completed",
+                workflow_id=workflow_id,
+                purchase_id=purchase_id,
+                detail={"outcome": outcome, "revoked": revoked, "status": purchase.status},
+            )
+        return cast(PurchaseStatus, purchase.status)
 
     def end_entitlement(self, *, purchase_id: int, workflow_id: str) -> PurchaseStatus:
         """End the entitlement an OASIS purchase grants (products whose source is `oasis`).
@@ -1162,25 +1173,81 @@ class OasisStore:
             False when the end had been recorded already (a retried activity).
         """
         with self._write() as session:
-            if self._has_event(session, workflow_id=workflow_id, event="saga_ended"):
-                return False
-            for event, actor, event_detail in decisions:
-                self._audit(
-                    session,
-                    event=event,
-                    actor=actor,
-                    workflow_id=workflow_id,
-                    purchase_id=purchase_id,
-                    detail=event_detail,
-                )
-            self._audit(
+            return self._record_saga_end(
                 session,
-                event="saga_ended",
                 workflow_id=workflow_id,
                 purchase_id=purchase_id,
-                detail={"state": state, **detail},
+                state=state,
+                decisions=decisions,
+                detail=detail,
             )
-            return True
+
+    def close_saga(
+        self,
+        *,
+        workflow_id: str,
+        purchase_id: int,
+        state: str,
+        revoked: bool,
+        decisions: list[tuple[str, str, dict[str, Any]]],
+        detail: dict[str, Any],
+    ) -> bool:
+        """The saga's last step in one transaction: ``complete_refund`` when it COMPLETED, then
+        ``record_saga_end`` (one commit instead of two; each part is written once per workflow).
+
+        Returns:
+            False when the end had been recorded already (a retried activity).
+
+        Raises:
+            PurchaseNotFound: A COMPLETED saga's purchase does not exist.
+        """
+        with self._write() as session:
+            if state == "COMPLETED":
+                self._complete_refund(
+                    session,
+                    purchase_id=purchase_id,
+                    workflow_id=workflow_id,
+                    outcome=state,
+                    revoked=revoked,
+                )
+            return self._record_saga_end(
+                session,
+                workflow_id=workflow_id,
+                purchase_id=purchase_id,
+                state=state,
+                decisions=decisions,
+                detail=detail,
+            )
+
+    def _record_saga_end(
+        self,
+        session: Session,
+        *,
+        workflow_id: str,
+        purchase_id: int,
+        state: str,
+        decisions: list[tuple[str, str, dict[str, Any]]],
+        detail: dict[str, Any],
+    ) -> bool:
+        if self._has_event(session, workflow_id=workflow_id, event="saga_ended"):
+            return False
+        for decision, actor, event_detail in decisions:
+            self._audit(
+                session,
+                event=decision,
+                actor=actor,
+                workflow_id=workflow_id,
+                purchase_id=purchase_id,
+                detail=event_detail,
+            )
+        self._audit(
+            session,
+            event="saga_ended",
+            workflow_id=workflow_id,
+            purchase_id=purchase_id,
+            detail={"state": state, **detail},
+        )
+        return True
 
     def audit_trail(
         self, *, workflow_id: str | None = None, purchase_id: int | None = None
