@@ -15,7 +15,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
+from temporalio.worker import (
+    PollerBehavior,
+    PollerBehaviorAutoscaling,
+    PollerBehaviorSimpleMaximum,
+    UnsandboxedWorkflowRunner,
+    Worker,
+    WorkflowRunner,
+)
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.batch_activities import BatchActivities
@@ -77,6 +84,13 @@ def workflow_runner(settings: Settings) -> WorkflowRunner:
     return UnsandboxedWorkflowRunner()
 
 
+def poller_behavior(settings: Settings) -> PollerBehavior:
+    """How many polls a worker keeps open per task queue (`REFUND_WORKER_POLLERS`)."""
+    if settings.worker_pollers == "auto":
+        return PollerBehaviorAutoscaling()
+    return PollerBehaviorSimpleMaximum(maximum=settings.worker_pollers)
+
+
 WORKFLOWS: list[type] = [RefundSaga, BatchRefund, RestoreProgress, PurgeExpiredSnapshots]
 
 
@@ -107,6 +121,8 @@ def build_workers(
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
             max_cached_workflows=settings.max_cached_workflows,
             workflow_runner=workflow_runner(settings),
+            workflow_task_poller_behavior=poller_behavior(settings),
+            activity_task_poller_behavior=poller_behavior(settings),
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         ),
         Worker(
@@ -115,6 +131,7 @@ def build_workers(
             activities=activities.processor_calls(),
             max_concurrent_activities=settings.max_concurrent_activities,
             max_task_queue_activities_per_second=rate,
+            activity_task_poller_behavior=poller_behavior(settings),
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         ),
     ]

@@ -90,7 +90,7 @@ async def _serve(baseline_queue: str) -> None:
     # Imported here: a test that only needs the workflow classes should not load settings.
     from refundsaga.settings import get_settings
     from refundsaga.temporal import connect
-    from worker import workflow_runner
+    from worker import poller_behavior, workflow_runner
 
     settings = get_settings()
     client = await connect(settings)
@@ -98,8 +98,9 @@ async def _serve(baseline_queue: str) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # Same concurrency limits and workflow runner as the stack's saga worker, so neither side
-    # gets more; the second queue runs the baseline in the SDK's sandbox whatever the setting.
+    # Same concurrency limits, pollers and workflow runner as the stack's saga worker, so
+    # neither side gets more; the second queue runs the baseline in the SDK's sandbox whatever
+    # the setting.
     workers = [
         Worker(
             client,
@@ -110,6 +111,8 @@ async def _serve(baseline_queue: str) -> None:
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
             max_cached_workflows=settings.max_cached_workflows,
             workflow_runner=runner,
+            workflow_task_poller_behavior=poller_behavior(settings),
+            activity_task_poller_behavior=poller_behavior(settings),
         )
         for queue, runner in (
             (baseline_queue, workflow_runner(settings)),

@@ -141,8 +141,9 @@ def _process_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _spawn_temporal(settings: Settings, pragmas: Sequence[str]) -> None:
-    """Start the dev server as the stack would, but with other SQLite pragmas.
+def _spawn_temporal(settings: Settings, pragmas: Sequence[str], metrics_port: int) -> None:
+    """Start the dev server as the stack would, with the bench's SQLite pragmas and its
+    Prometheus metrics on `metrics_port` (how its matching service dispatched tasks).
 
     The stack then finds it running under its pid file and adopts it (and stops it on down).
     """
@@ -171,6 +172,7 @@ def _spawn_temporal(settings: Settings, pragmas: Sequence[str]) -> None:
     ]
     for pragma in pragmas:
         argv += ["--sqlite-pragma", pragma]
+    argv += ["--metrics-port", str(metrics_port)]
     with (data_dir / "logs" / "temporal.log").open("ab") as log:
         proc = subprocess.Popen(
             argv,
@@ -228,6 +230,7 @@ class BenchStack:
     data_dir: Path
     bench_worker: subprocess.Popen[bytes]
     pragmas: tuple[str, ...]
+    metrics_port: int
 
     def pid(self, name: str) -> int:
         """The pid of a stack process (`temporal`, `worker`, `processor`, `ams`)."""
@@ -313,8 +316,8 @@ def bench_stack(
     if threading.current_thread() is threading.main_thread():
         _install_abort_handlers(root, lambda: None if worker is None else worker.pid, own_dir)
     try:
-        if tuple(pragmas) != STACK_PRAGMAS:
-            _spawn_temporal(settings, pragmas)
+        (metrics_port,) = stack.free_ports(1)
+        _spawn_temporal(settings, pragmas, metrics_port)
         if sandbox_state == "memory":
             _spawn_sandbox_in_memory(
                 settings,
@@ -347,7 +350,7 @@ def bench_stack(
 
         asyncio.run(ready())
         on_progress(f"bench worker: polling {', '.join(queues)} (pid {worker.pid})")
-        yield BenchStack(settings, settings.data_dir, worker, tuple(pragmas))
+        yield BenchStack(settings, settings.data_dir, worker, tuple(pragmas), metrics_port)
     finally:
         if worker is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -508,6 +511,7 @@ class Wave:
     worker_peak_rss_mb: float = float("nan")
     history: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)
+    matching: dict[str, float] = field(default_factory=dict)
 
     def figures(self) -> dict[str, float]:
         """The per-wave figures that are summarised over repetitions."""
@@ -529,6 +533,9 @@ class Wave:
         for name in ("events", "workflow_tasks", "activities", "local_activities"):
             if name in self.history:
                 figures[f"history_{name}"] = float(self.history[name])
+        if self.matching.get("polls"):
+            figures["sync_match_share"] = self.matching["sync_polls"] / self.matching["polls"]
+            figures["backlog_writes_per_wf"] = self.matching["backlog_writes"] / done
         return figures
 
 
@@ -540,6 +547,27 @@ def _cpu_snapshot(bench: BenchStack, variant: str) -> dict[str, float]:
         "client": cpu_seconds(os.getpid()),
         "machine": machine_busy_seconds(),
     }
+
+
+def matching_counts(metrics_port: int) -> dict[str, float]:
+    """The dev server's task dispatch so far, in the default namespace: tasks handed to a
+    waiting poll (sync match) or not, and tasks written to its task backlog (then read back).
+
+    A task with no poll waiting for it costs the server a write and a read of its database.
+    """
+    text = httpx.get(f"http://{HOST}:{metrics_port}/metrics", timeout=10.0).text
+    counts = {"polls": 0.0, "sync_polls": 0.0, "backlog_writes": 0.0}
+    for line in text.splitlines():
+        if 'namespace="default"' not in line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        if name.startswith("poll_success{"):
+            counts["polls"] += float(value)
+        elif name.startswith("poll_success_sync{"):
+            counts["sync_polls"] += float(value)
+        elif name.startswith("persistence_requests{") and 'operation="CreateTasks"' in name:
+            counts["backlog_writes"] += float(value)
+    return counts
 
 
 async def run_wave(
@@ -575,11 +603,14 @@ async def run_wave(
                 if len(wave.error_samples) < 5:
                     wave.error_samples.append(problem)
 
+    dispatched = await asyncio.to_thread(matching_counts, bench.metrics_port)
     before = _cpu_snapshot(bench, variant)
     began = time.perf_counter()
     await asyncio.gather(*(one(start) for start in starts))
     wave.wall_s = time.perf_counter() - began
     after = _cpu_snapshot(bench, variant)
+    now = await asyncio.to_thread(matching_counts, bench.metrics_port)
+    wave.matching = {key: now[key] - dispatched[key] for key in now}
     wave.cpu_s = {name: after[name] - before[name] for name in before}
     # Everything else the machine did meanwhile: other people's test runs skew the figures.
     wave.cpu_s["foreign"] = wave.cpu_s.pop("machine") - sum(wave.cpu_s.values())
@@ -807,6 +838,7 @@ def build_report(
                     **w.figures(),
                     "wall_s": w.wall_s,
                     "cpu_s": w.cpu_s,
+                    "matching": w.matching,
                     "error_samples": w.error_samples,
                     "history": w.history,
                     **({"profile": w.profile} if w.profile else {}),
@@ -867,6 +899,8 @@ def print_table(report: dict[str, Any]) -> None:
         ("own_cpu_s_per_wf", "stack CPU s / wf (sum)", 4),
         ("foreign_cpu_s_per_wf", "other processes CPU s / wf", 4),
         ("worker_peak_rss_mb", "worker peak RSS (MiB)", 0),
+        ("sync_match_share", "polled tasks sync-matched", 2),
+        ("backlog_writes_per_wf", "server backlog writes / wf", 1),
         ("errors", "errors", 0),
     ]
     width = 34

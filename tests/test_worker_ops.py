@@ -14,13 +14,21 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import (
+    PollerBehaviorAutoscaling,
+    PollerBehaviorSimpleMaximum,
+    UnsandboxedWorkflowRunner,
+)
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from refundsaga.metrics import MetricsConfigError, metrics_runtime
+from refundsaga.settings import Settings
 from tests.fixtures.stack import LiveStack, free_ports
-from worker import GRACEFUL_SHUTDOWN
+from worker import GRACEFUL_SHUTDOWN, poller_behavior, workflow_runner
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = [sys.executable, str(REPO / "worker.py")]
@@ -38,6 +46,24 @@ async def test_the_metrics_runtime_serves_temporal_metrics(time_env: WorkflowEnv
         response = await http.get(f"http://127.0.0.1:{port}/metrics")
     assert response.status_code == 200
     assert 'temporal_request{operation="GetSystemInfo"' in response.text
+
+
+def test_the_worker_runs_without_the_sandbox_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REFUND_WORKFLOW_SANDBOX", raising=False)
+    assert isinstance(workflow_runner(Settings()), UnsandboxedWorkflowRunner)
+    monkeypatch.setenv("REFUND_WORKFLOW_SANDBOX", "true")
+    assert isinstance(workflow_runner(Settings()), SandboxedWorkflowRunner)
+
+
+def test_pollers_scale_by_default_or_take_a_fixed_maximum(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REFUND_WORKER_POLLERS", raising=False)
+    assert isinstance(poller_behavior(Settings()), PollerBehaviorAutoscaling)
+    monkeypatch.setenv("REFUND_WORKER_POLLERS", "12")
+    assert poller_behavior(Settings()) == PollerBehaviorSimpleMaximum(maximum=12)
+    for wrong in ("0", "-3", "many"):
+        monkeypatch.setenv("REFUND_WORKER_POLLERS", wrong)
+        with pytest.raises(ValidationError, match="worker_pollers"):
+            Settings()
 
 
 @pytest.mark.parametrize("address", ["9464", ":9464", "127.0.0.1:http", "127.0.0.1:70000"])
