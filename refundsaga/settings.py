@@ -115,12 +115,12 @@ class Settings(BaseSettings):
     # replays every recorded history under both runners (tests/test_replay.py), so a
     # non-deterministic call fails there, not in production. True: the sandbox here too.
     workflow_sandbox: bool = False
-    # How many polls each worker keeps open per task queue and kind: "auto" lets the Temporal
-    # server scale them (1 to 100) from its backlog; a number is a fixed maximum (the SDK's own
-    # default is 5). With too few, tasks that find no waiting poll are written to the server's
-    # task backlog and read back: with 20 sagas in flight, 44 % of workflow tasks went that
-    # way at 5 polls, 18 % with "auto" (bench/README.md).
-    worker_pollers: Annotated[int | Literal["auto"], NoDecode] = "auto"
+    # How many polls each worker keeps open per task queue and kind: a fixed maximum (the
+    # SDK's default, 5), or "auto" to let the Temporal server scale them (1 to 100) from its
+    # backlog. On the embedded dev server "auto" matched more tasks to a waiting poll but cost
+    # the server more polls, and was no faster (bench/README.md); a cluster with many workers
+    # may differ.
+    worker_pollers: Annotated[int | Literal["auto"], NoDecode] = 5
     log_format: Literal["auto", "json", "text"] = "auto"
 
     @field_validator(

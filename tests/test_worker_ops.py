@@ -55,8 +55,10 @@ def test_the_worker_runs_without_the_sandbox_unless_asked(monkeypatch: pytest.Mo
     assert isinstance(workflow_runner(Settings()), SandboxedWorkflowRunner)
 
 
-def test_pollers_scale_by_default_or_take_a_fixed_maximum(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pollers_are_a_fixed_maximum_or_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REFUND_WORKER_POLLERS", raising=False)
+    assert poller_behavior(Settings()) == PollerBehaviorSimpleMaximum(maximum=5)
+    monkeypatch.setenv("REFUND_WORKER_POLLERS", "auto")
     assert isinstance(poller_behavior(Settings()), PollerBehaviorAutoscaling)
     monkeypatch.setenv("REFUND_WORKER_POLLERS", "12")
     assert poller_behavior(Settings()) == PollerBehaviorSimpleMaximum(maximum=12)
