@@ -103,9 +103,13 @@ LOCAL_STORE_STEPS = "store-steps-as-local-activities"
 # keep an upsert per transition). Each upsert is a history event and a visibility write: about
 # 5 ms of Temporal server CPU (bench/README.md).
 VISIBILITY_AT_REST = "search-attributes-at-rest"
-# With it, an upsert on entering or leaving these, at the pivot, and at the end. The steps
-# after the pivot (revoke, de-entitle, verify) show as REFUNDING in lists until the end, and
-# exactly in `refund status`, the status query and the current details.
+# Patch id: a saga started from here on takes both changes above with this one marker (and
+# one `TemporalChangeVersion` upsert) instead of one per change: two history events and a
+# visibility write less per saga. Sagas started before keep deciding per change.
+CURRENT_SHAPE = "local-store-steps-and-lists-at-rest"
+# With VISIBILITY_AT_REST, an upsert on entering or leaving these, at the pivot, and at the
+# end. The steps after the pivot (revoke, de-entitle, verify) show as REFUNDING in lists until
+# the end, and exactly in `refund status`, the status query and the current details.
 AT_REST = frozenset(
     {SagaState.AWAITING_APPROVAL, SagaState.AWAITING_AMS_CONFIRMATION, SagaState.NEEDS_ATTENTION}
 )
@@ -182,6 +186,7 @@ class RefundSaga:
         self._batch_bucket: BatchBucket = "running"
         self._batch_reports: asyncio.Task[None] | None = None
         self._visibility_at_rest = False
+        self._local_store_steps = False  # True: without asking LOCAL_STORE_STEPS per step
         self._listed_state: SagaState | None = None  # what list filters see
 
     # --- the saga -------------------------------------------------------------------------
@@ -189,7 +194,10 @@ class RefundSaga:
     @workflow.run
     async def run(self, request: RefundRequest) -> SagaStatus:
         # Decided once, before the first transition, so a saga keeps one way of upserting.
-        self._visibility_at_rest = workflow.patched(VISIBILITY_AT_REST)
+        if workflow.patched(CURRENT_SHAPE):
+            self._visibility_at_rest = self._local_store_steps = True
+        else:
+            self._visibility_at_rest = workflow.patched(VISIBILITY_AT_REST)
         # `refund start` and starter.py set the attributes at start; a batch does not.
         started_as = workflow.info().typed_search_attributes.get(REFUND_STATE) or ""
         self._listed_state = SagaState(started_as) if started_as in SagaState.__members__ else None
@@ -778,7 +786,7 @@ class RefundSaga:
         workflow task round trip of a regular activity (see bench/README.md). Sagas started
         before this change keep their regular activities (workflow.patched).
         """
-        if workflow.patched(LOCAL_STORE_STEPS):
+        if self._local_store_steps or workflow.patched(LOCAL_STORE_STEPS):
             return workflow.execute_local_activity_method(
                 activity,
                 arg,
