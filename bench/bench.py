@@ -316,7 +316,9 @@ def bench_stack(
     if threading.current_thread() is threading.main_thread():
         _install_abort_handlers(root, lambda: None if worker is None else worker.pid, own_dir)
     try:
-        (metrics_port,) = stack.free_ports(1)
+        taken = {settings.temporal_port, settings.ui_port}
+        taken |= {settings.processor_port, settings.ams_port}
+        metrics_port = next(p for p in stack.free_ports(8) if p not in taken)
         _spawn_temporal(settings, pragmas, metrics_port)
         if sandbox_state == "memory":
             _spawn_sandbox_in_memory(
@@ -502,6 +504,7 @@ class Wave:
     variant: str
     n: int
     concurrency: int
+    rate: float | None = None
     wall_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
@@ -576,17 +579,23 @@ async def run_wave(
     starts: Sequence[Callable[[], Awaitable[WorkflowHandle[Any, Any]]]],
     concurrency: int,
     check: Callable[[Any], str | None],
+    rate: float | None = None,
 ) -> Wave:
     """Start every workflow with at most `concurrency` in flight; wait for each to complete.
 
+    With `rate`, an open loop: the i-th start is due i / rate seconds in, whatever the others
+    do, so both sides of a comparison get the same offered load (still capped at
+    `concurrency` in flight). Without it, a closed loop: a new start as soon as one ends.
     Latency is from just before the start call to the result, as a caller sees it.
     """
-    wave = Wave(variant=variant, n=len(starts), concurrency=concurrency)
+    wave = Wave(variant=variant, n=len(starts), concurrency=concurrency, rate=rate)
     gate = asyncio.Semaphore(concurrency)
     worker_pid = bench.worker_pid(variant)
     rss_reset = reset_peak_rss(worker_pid)
 
-    async def one(start: Callable[[], Awaitable[WorkflowHandle[Any, Any]]]) -> None:
+    async def one(index: int, start: Callable[[], Awaitable[WorkflowHandle[Any, Any]]]) -> None:
+        if rate is not None:
+            await asyncio.sleep(max(0.0, wave_start + index / rate - time.perf_counter()))
         async with gate:
             began = time.perf_counter()
             try:
@@ -605,9 +614,9 @@ async def run_wave(
 
     dispatched = await asyncio.to_thread(matching_counts, bench.metrics_port)
     before = _cpu_snapshot(bench, variant)
-    began = time.perf_counter()
-    await asyncio.gather(*(one(start) for start in starts))
-    wave.wall_s = time.perf_counter() - began
+    wave_start = time.perf_counter()
+    await asyncio.gather(*(one(i, start) for i, start in enumerate(starts)))
+    wave.wall_s = time.perf_counter() - wave_start
     after = _cpu_snapshot(bench, variant)
     now = await asyncio.to_thread(matching_counts, bench.metrics_port)
     wave.matching = {key: now[key] - dispatched[key] for key in now}
@@ -691,6 +700,7 @@ async def run_variant(
     history_sample: int,
     profile: Path | None = None,
     py_spy: str = "py-spy",
+    rate: float | None = None,
 ) -> Wave:
     """One wave of `variant`: the saga, the baseline, or the baseline with search attributes."""
     global _run_counter
@@ -746,7 +756,7 @@ async def run_variant(
     else:
         raise ValueError(f"unknown variant {variant}")
     with profiled(bench.worker_pid(variant), profile, py_spy):
-        wave = await run_wave(bench, variant, starts, concurrency, check)
+        wave = await run_wave(bench, variant, starts, concurrency, check, rate)
     if profile is not None and profile.exists():
         wave.profile = profile_summary(profile)
     wave.history = await history_stats(client, wave.workflow_ids, history_sample)
@@ -939,6 +949,7 @@ def run_bench(
     py_spy: str = "py-spy",
     sandbox_state: str = "memory",
     bytecode: str = "inherit",
+    rate: float | None = None,
     on_progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Bring up a stack, run `reps` repetitions of every variant back to back, tear down."""
@@ -984,6 +995,7 @@ def run_bench(
                             else None
                         ),
                         py_spy=py_spy,
+                        rate=rate,
                     )
                     f = wave.figures()
                     on_progress(
@@ -1004,6 +1016,7 @@ def run_bench(
     config = {
         "n": n,
         "concurrency": concurrency,
+        "rate_per_s": rate,
         "reps": reps,
         "variants": list(variants),
         "baseline_activities": baseline_steps,
@@ -1030,6 +1043,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--n", type=int, default=500, help="workflows per variant and rep")
     parser.add_argument("--concurrency", type=int, default=20, help="workflows in flight")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open loop: start this many workflows a second (same offered load for every "
+        "variant; --concurrency still caps those in flight); default: closed loop",
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
         "--variants",
@@ -1093,6 +1113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         py_spy=args.py_spy,
         sandbox_state=args.sandbox_state,
         bytecode=args.bytecode,
+        rate=args.rate,
     )
     print_table(report)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
