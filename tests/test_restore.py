@@ -107,8 +107,13 @@ def revoked(store: OasisStore, items: int = 4) -> tuple[int, int, int, str]:
     store.add_progress(user_id=user, product_id=product, items=items)
     saga = f"refund-{purchase}"
     store.revoke_progress(purchase_id=purchase, user_id=user, product_id=product, workflow_id=saga)
-    store.record_saga_end(
-        workflow_id=saga, purchase_id=purchase, state="COMPLETED", decisions=[], detail={}
+    store.close_saga(
+        workflow_id=saga,
+        purchase_id=purchase,
+        state="COMPLETED",
+        revoked=True,
+        decisions=[],
+        detail={},
     )
     return purchase, user, product, saga
 

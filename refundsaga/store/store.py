@@ -503,16 +503,37 @@ class OasisStore:
     def _complete_refund(
         self, session: Session, *, purchase_id: int, workflow_id: str, outcome: str, revoked: bool
     ) -> PurchaseStatus:
+        return self._settle_purchase(
+            session,
+            purchase_id=purchase_id,
+            workflow_id=workflow_id,
+            revoke=revoked,
+            event="refund_completed",
+            detail={"outcome": outcome, "revoked": revoked},
+        )
+
+    def _settle_purchase(
+        self,
+        session: Session,
+        *,
+        purchase_id: int,
+        workflow_id: str,
+        revoke: bool,
+        event: str,
+        detail: dict[str, Any],
+    ) -> PurchaseStatus:
+        """Lock the purchase, make it ``revoked`` when asked unless it is fully refunded (which
+        says more), and write `event` with the status once per workflow."""
         purchase = self._locked_purchase(session, purchase_id)
-        if revoked and purchase.status != "refunded":
+        if revoke and purchase.status != "refunded":
             purchase.status = "revoked"
-        if not self._has_event(session, workflow_id=workflow_id, event="refund_completed"):
+        if not self._has_event(session, workflow_id=workflow_id, event=event):
             self._audit(
                 session,
-                event="refund_completed",
+                event=event,
                 workflow_id=workflow_id,
                 purchase_id=purchase_id,
-                detail={"outcome": outcome, "revoked": revoked, "status": purchase.status},
+                detail={**detail, "status": purchase.status},
             )
         return cast(PurchaseStatus, purchase.status)
 
@@ -526,18 +547,14 @@ class OasisStore:
             PurchaseNotFound: No such purchase.
         """
         with self._write() as session:
-            purchase = self._locked_purchase(session, purchase_id)
-            if purchase.status != "refunded":
-                purchase.status = "revoked"
-            if not self._has_event(session, workflow_id=workflow_id, event="entitlement_ended"):
-                self._audit(
-                    session,
-                    event="entitlement_ended",
-                    workflow_id=workflow_id,
-                    purchase_id=purchase_id,
-                    detail={"status": purchase.status},
-                )
-            return cast(PurchaseStatus, purchase.status)
+            return self._settle_purchase(
+                session,
+                purchase_id=purchase_id,
+                workflow_id=workflow_id,
+                revoke=True,
+                event="entitlement_ended",
+                detail={},
+            )
 
     # -- progress and access ---------------------------------------------------------------
 
@@ -1150,38 +1167,6 @@ class OasisStore:
                 detail=detail or {},
             )
 
-    def record_saga_end(
-        self,
-        *,
-        workflow_id: str,
-        purchase_id: int,
-        state: str,
-        decisions: list[tuple[str, str, dict[str, Any]]],
-        detail: dict[str, Any],
-    ) -> bool:
-        """Write a saga's decisions and its end into the trail, once per workflow.
-
-        Args:
-            workflow_id: The refund saga.
-            purchase_id: The purchase it concerned (it may not exist: a refused request).
-            state: The end state, e.g. ``COMPLETED``.
-            decisions: ``(event, actor, detail)`` of each approval, rejection, confirmation
-                and ops resolution, in order.
-            detail: Facts of the end; identifiers and money only.
-
-        Returns:
-            False when the end had been recorded already (a retried activity).
-        """
-        with self._write() as session:
-            return self._record_saga_end(
-                session,
-                workflow_id=workflow_id,
-                purchase_id=purchase_id,
-                state=state,
-                decisions=decisions,
-                detail=detail,
-            )
-
     def close_saga(
         self,
         *,
@@ -1192,8 +1177,17 @@ class OasisStore:
         decisions: list[tuple[str, str, dict[str, Any]]],
         detail: dict[str, Any],
     ) -> bool:
-        """The saga's last step in one transaction: ``complete_refund`` when it COMPLETED, then
-        ``record_saga_end`` (one commit instead of two; each part is written once per workflow).
+        """A saga's last step, in one transaction: ``complete_refund`` when it COMPLETED, then
+        its decisions and its end into the trail. Each part is written once per workflow.
+
+        Args:
+            workflow_id: The refund saga.
+            purchase_id: The purchase it concerned (it may not exist: a refused request).
+            state: The end state, e.g. ``COMPLETED``.
+            revoked: Whether the saga revoked the buyer's progress.
+            decisions: ``(event, actor, detail)`` of each approval, rejection, confirmation
+                and ops resolution, in order.
+            detail: Facts of the end; identifiers and money only.
 
         Returns:
             False when the end had been recorded already (a retried activity).
@@ -1210,44 +1204,25 @@ class OasisStore:
                     outcome=state,
                     revoked=revoked,
                 )
-            return self._record_saga_end(
-                session,
-                workflow_id=workflow_id,
-                purchase_id=purchase_id,
-                state=state,
-                decisions=decisions,
-                detail=detail,
-            )
-
-    def _record_saga_end(
-        self,
-        session: Session,
-        *,
-        workflow_id: str,
-        purchase_id: int,
-        state: str,
-        decisions: list[tuple[str, str, dict[str, Any]]],
-        detail: dict[str, Any],
-    ) -> bool:
-        if self._has_event(session, workflow_id=workflow_id, event="saga_ended"):
-            return False
-        for decision, actor, event_detail in decisions:
+            if self._has_event(session, workflow_id=workflow_id, event="saga_ended"):
+                return False
+            for decision, actor, event_detail in decisions:
+                self._audit(
+                    session,
+                    event=decision,
+                    actor=actor,
+                    workflow_id=workflow_id,
+                    purchase_id=purchase_id,
+                    detail=event_detail,
+                )
             self._audit(
                 session,
-                event=decision,
-                actor=actor,
+                event="saga_ended",
                 workflow_id=workflow_id,
                 purchase_id=purchase_id,
-                detail=event_detail,
+                detail={"state": state, **detail},
             )
-        self._audit(
-            session,
-            event="saga_ended",
-            workflow_id=workflow_id,
-            purchase_id=purchase_id,
-            detail={"state": state, **detail},
-        )
-        return True
+            return True
 
     def audit_trail(
         self, *, workflow_id: str | None = None, purchase_id: int | None = None
