@@ -141,6 +141,21 @@ def _process_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _await_exec(proc: subprocess.Popen[bytes], marker: str, timeout_s: float = 10.0) -> None:
+    """Wait until the child runs its own program (its command line holds `marker`).
+
+    Until then /proc shows the forking Python's command line, and the stack, reading the pid
+    file, would take the process for a stale one and start a second server on the same files.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+            if marker in argv.split("\0"):
+                return
+        time.sleep(0.01)
+
+
 def _spawn_temporal(settings: Settings, pragmas: Sequence[str], metrics_port: int) -> None:
     """Start the dev server as the stack would, with the bench's SQLite pragmas and its
     Prometheus metrics on `metrics_port` (how its matching service dispatched tasks).
@@ -181,6 +196,7 @@ def _spawn_temporal(settings: Settings, pragmas: Sequence[str], metrics_port: in
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    _await_exec(proc, str(data_dir / "temporal.db"))
     (data_dir / "pids" / "temporal.pid").write_text(f"{proc.pid}\n")
 
 
@@ -219,6 +235,7 @@ def _spawn_sandbox_in_memory(settings: Settings, name: str, port: int, api_key: 
             env={**os.environ, "SANDBOX_API_KEY": api_key},
             start_new_session=True,
         )
+    _await_exec(proc, f"sandboxes.{name}")
     (data_dir / "pids" / f"{name}.pid").write_text(f"{proc.pid}\n")
 
 
