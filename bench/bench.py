@@ -521,7 +521,6 @@ class Wave:
     variant: str
     n: int
     concurrency: int
-    rate: float | None = None
     wall_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
@@ -605,7 +604,7 @@ async def run_wave(
     `concurrency` in flight). Without it, a closed loop: a new start as soon as one ends.
     Latency is from just before the start call to the result, as a caller sees it.
     """
-    wave = Wave(variant=variant, n=len(starts), concurrency=concurrency, rate=rate)
+    wave = Wave(variant=variant, n=len(starts), concurrency=concurrency)
     gate = asyncio.Semaphore(concurrency)
     worker_pid = bench.worker_pid(variant)
     rss_reset = reset_peak_rss(worker_pid)
@@ -796,35 +795,26 @@ def build_report(
 ) -> dict[str, Any]:
     """The JSON report: headline medians at the top, every figure as median/min/max below."""
     variants = [w.variant for w in waves[0]]
+    # Each repetition's figures, per variant.
+    by_rep = [{w.variant: w.figures() for w in rep} for rep in waves]
     figures: dict[str, dict[str, dict[str, float]]] = {}
     for variant in variants:
-        per_rep = [next(w for w in rep if w.variant == variant).figures() for rep in waves]
+        per_rep = [rep[variant] for rep in by_rep]
         figures[variant] = {key: summarize([f[key] for f in per_rep]) for key in per_rep[0]}
+
+    def ratio(key: str, baseline: str) -> dict[str, float]:
+        # Per repetition, then the median: each pair ran back to back on one server.
+        return summarize([rep["saga"][key] / rep[baseline][key] for rep in by_rep])
+
     ratios: dict[str, dict[str, float]] = {}
     if "saga" in variants and "baseline" in variants:
-        # Ratios per repetition, then the median: each pair ran back to back on one server.
-        pairs = [
-            (
-                next(w for w in rep if w.variant == "saga").figures(),
-                next(w for w in rep if w.variant == "baseline").figures(),
-            )
-            for rep in waves
-        ]
-        ratios["throughput_ratio"] = summarize([s["per_s"] / b["per_s"] for s, b in pairs])
-        ratios["p95_ratio"] = summarize([s["p95_ms"] / b["p95_ms"] for s, b in pairs])
-        ratios["own_cpu_ratio"] = summarize(
-            [s["own_cpu_s_per_wf"] / b["own_cpu_s_per_wf"] for s, b in pairs]
-        )
+        ratios["throughput_ratio"] = ratio("per_s", "baseline")
+        ratios["p95_ratio"] = ratio("p95_ms", "baseline")
+        ratios["own_cpu_ratio"] = ratio("own_cpu_s_per_wf", "baseline")
     if "saga" in variants and "baseline_sandboxed" in variants:
         # The same naive shape in the SDK's sandbox, its default: what a team that did not
         # measure would run.
-        ratios["throughput_ratio_vs_sandboxed_baseline"] = summarize(
-            [
-                next(w for w in rep if w.variant == "saga").figures()["per_s"]
-                / next(w for w in rep if w.variant == "baseline_sandboxed").figures()["per_s"]
-                for rep in waves
-            ]
-        )
+        ratios["throughput_ratio_vs_sandboxed_baseline"] = ratio("per_s", "baseline_sandboxed")
 
     def med(variant: str, key: str) -> float:
         return figures.get(variant, {}).get(key, {}).get("median", float("nan"))
