@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     # backlog. On the embedded dev server "auto" matched more tasks to a waiting poll but cost
     # the server more polls, and was no faster (bench/README.md); a cluster with many workers
     # may differ.
-    worker_pollers: Annotated[int | Literal["auto"], NoDecode] = 5
+    worker_pollers: Annotated[Annotated[int, Field(ge=1)] | Literal["auto"], NoDecode] = 5
     log_format: Literal["auto", "json", "text"] = "auto"
 
     @field_validator(
@@ -138,16 +138,7 @@ class Settings(BaseSettings):
     @field_validator("worker_pollers", mode="before")
     @classmethod
     def _pollers(cls, value: object) -> object:
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
         return value.strip().lower() if isinstance(value, str) else value
-
-    @field_validator("worker_pollers")
-    @classmethod
-    def _pollers_positive(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError('worker_pollers must be "auto" or at least 1')
-        return value
 
     @field_validator("approvers", mode="before")
     @classmethod
