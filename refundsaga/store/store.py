@@ -1086,20 +1086,12 @@ class OasisStore:
             )
             if any(held.get("run") == run_key for held in ended):
                 return False
-            for decision, actor, decision_detail in decisions:
-                self._audit(
-                    session,
-                    event=decision,
-                    actor=actor,
-                    workflow_id=workflow_id,
-                    purchase_id=purchase_id,
-                    detail=decision_detail,
-                )
-            self._audit(
+            self._audit_end(
                 session,
-                event=event,
                 workflow_id=workflow_id,
                 purchase_id=purchase_id,
+                decisions=decisions,
+                event=event,
                 detail={**detail, "run": run_key},
             )
             return True
@@ -1125,6 +1117,31 @@ class OasisStore:
                 purchase_id=purchase_id,
                 detail=detail,
             )
+        )
+
+    @classmethod
+    def _audit_end(
+        cls,
+        session: Session,
+        *,
+        workflow_id: str,
+        purchase_id: int | None,
+        decisions: list[tuple[str, str, dict[str, Any]]],
+        event: str,
+        detail: dict[str, Any],
+    ) -> None:
+        """Write a workflow's ``(event, actor, detail)`` decisions, in order, then its end."""
+        for decision, actor, decision_detail in decisions:
+            cls._audit(
+                session,
+                event=decision,
+                actor=actor,
+                workflow_id=workflow_id,
+                purchase_id=purchase_id,
+                detail=decision_detail,
+            )
+        cls._audit(
+            session, event=event, workflow_id=workflow_id, purchase_id=purchase_id, detail=detail
         )
 
     @staticmethod
@@ -1206,20 +1223,12 @@ class OasisStore:
                 )
             if self._has_event(session, workflow_id=workflow_id, event="saga_ended"):
                 return False
-            for decision, actor, event_detail in decisions:
-                self._audit(
-                    session,
-                    event=decision,
-                    actor=actor,
-                    workflow_id=workflow_id,
-                    purchase_id=purchase_id,
-                    detail=event_detail,
-                )
-            self._audit(
+            self._audit_end(
                 session,
-                event="saga_ended",
                 workflow_id=workflow_id,
                 purchase_id=purchase_id,
+                decisions=decisions,
+                event="saga_ended",
                 detail={"state": state, **detail},
             )
             return True
