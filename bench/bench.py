@@ -51,6 +51,7 @@ HOST = "127.0.0.1"
 # What refundsaga/stack.py passes to `temporal server start-dev`; other settings are started
 # by the bench itself so that the comparison can be made on the same code.
 STACK_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
+STACK_DYNAMIC_CONFIG: tuple[str, ...] = ()
 # Above the standard scenario's 99.95 so that it needs no approver (REFUND_AUTO_APPROVE_...).
 AUTO_APPROVE_ALL_CENTS = 1_000_000
 SAGA_QUEUE = "bench-saga"
@@ -156,7 +157,12 @@ def _await_exec(proc: subprocess.Popen[bytes], marker: str, timeout_s: float = 1
         time.sleep(0.01)
 
 
-def _spawn_temporal(settings: Settings, pragmas: Sequence[str], metrics_port: int) -> None:
+def _spawn_temporal(
+    settings: Settings,
+    pragmas: Sequence[str],
+    metrics_port: int,
+    dynamic_config: Sequence[str] = (),
+) -> None:
     """Start the dev server as the stack would, with the bench's SQLite pragmas and its
     Prometheus metrics on `metrics_port` (how its matching service dispatched tasks).
 
@@ -187,6 +193,8 @@ def _spawn_temporal(settings: Settings, pragmas: Sequence[str], metrics_port: in
     ]
     for pragma in pragmas:
         argv += ["--sqlite-pragma", pragma]
+    for value in dynamic_config:
+        argv += ["--dynamic-config-value", value]
     argv += ["--metrics-port", str(metrics_port)]
     with (data_dir / "logs" / "temporal.log").open("ab") as log:
         proc = subprocess.Popen(
@@ -311,6 +319,7 @@ def bench_stack(
     *,
     auto_approve_below_cents: int,
     pragmas: Sequence[str] = STACK_PRAGMAS,
+    dynamic_config: Sequence[str] = STACK_DYNAMIC_CONFIG,
     sandbox_state: str = "memory",
     bytecode: str = "inherit",
     data_dir: Path | None = None,
@@ -336,7 +345,7 @@ def bench_stack(
         taken = {settings.temporal_port, settings.ui_port}
         taken |= {settings.processor_port, settings.ams_port}
         metrics_port = next(p for p in stack.free_ports(8) if p not in taken)
-        _spawn_temporal(settings, pragmas, metrics_port)
+        _spawn_temporal(settings, pragmas, metrics_port, dynamic_config)
         if sandbox_state == "memory":
             _spawn_sandbox_in_memory(
                 settings,
@@ -950,6 +959,7 @@ def run_bench(
     reps: int,
     variants: Sequence[str],
     pragmas: Sequence[str] = STACK_PRAGMAS,
+    dynamic_config: Sequence[str] = STACK_DYNAMIC_CONFIG,
     history_sample: int = 50,
     baseline_steps: int = STANDARD_SAGA_ACTIVITIES,
     profile_dir: Path | None = None,
@@ -965,6 +975,7 @@ def run_bench(
     with bench_stack(
         auto_approve_below_cents=AUTO_APPROVE_ALL_CENTS,
         pragmas=pragmas,
+        dynamic_config=dynamic_config,
         sandbox_state=sandbox_state,
         bytecode=bytecode,
         on_progress=lambda line: on_progress(f"  stack: {line}"),
@@ -1029,6 +1040,7 @@ def run_bench(
         "baseline_activities": baseline_steps,
         "baseline_signal": "signal-with-start",
         "temporal_sqlite_pragmas": list(pragmas),
+        "temporal_dynamic_config": list(dynamic_config),
         "auto_approve_below_cents": AUTO_APPROVE_ALL_CENTS,
         "cpus": os.cpu_count(),
         "load_1m_before": load_before,
@@ -1067,6 +1079,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sqlite-pragmas",
         default=",".join(STACK_PRAGMAS),
         help="the dev server's --sqlite-pragma values, comma-separated; '' for none",
+    )
+    parser.add_argument(
+        "--dynamic-config",
+        action="append",
+        metavar="KEY=JSON",
+        help="a --dynamic-config-value for the dev server (repeatable), e.g. "
+        "system.enableActivityEagerExecution=true; default: the stack's",
     )
     parser.add_argument("--history-sample", type=int, default=50)
     parser.add_argument("--baseline-activities", type=int, default=STANDARD_SAGA_ACTIVITIES)
@@ -1114,6 +1133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         reps=args.reps,
         variants=variants,
         pragmas=pragmas,
+        dynamic_config=(
+            STACK_DYNAMIC_CONFIG if args.dynamic_config is None else tuple(args.dynamic_config)
+        ),
         history_sample=args.history_sample,
         baseline_steps=args.baseline_activities,
         profile_dir=args.profile_dir,

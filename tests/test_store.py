@@ -274,6 +274,29 @@ def test_record_refunds_refuses_a_refund_of_another_purchase(
     assert snapshot.refunded_cents == 0
 
 
+def test_refunded_amount_counts_only_this_purchases_ledger(
+    store: OasisStore, seeded: Seeded
+) -> None:
+    other = store.create_purchase(
+        user_id=seeded.other_user_id,
+        product_id=seeded.product_id,
+        amount_cents=995,
+        currency="usd",
+        processor_charge_id="ch_2",
+    )
+    store.record_refunds(other, [entry("re_other", 700)], workflow_id=None)
+    store.record_refunds(seeded.purchase_id, [entry("re_1", 100)], workflow_id=WORKFLOW)
+
+    result = store.record_refunds(seeded.purchase_id, [entry("re_2", 50)], workflow_id=WORKFLOW)
+
+    # Both of this purchase's refunds (the earlier one is not named this time), not the other's.
+    assert (result.recorded, result.refunded_cents) == (1, 150)
+    assert rows(store, "SELECT id, refunded_cents FROM purchases ORDER BY id") == [
+        {"id": seeded.purchase_id, "refunded_cents": 150},
+        {"id": other, "refunded_cents": 700},
+    ]
+
+
 def test_record_refunds_never_downgrades_revoked(store: OasisStore, seeded: Seeded) -> None:
     store.complete_refund(
         purchase_id=seeded.purchase_id, workflow_id=WORKFLOW, outcome="completed", revoked=True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ from sqlalchemy import (
     func,
     insert,
     make_url,
+    or_,
     select,
 )
 from sqlalchemy.exc import IntegrityError
@@ -404,12 +405,15 @@ class OasisStore:
                         f"purchase {purchase_id} in {purchase.currency}"
                     )
             refund_ids = sorted({entry.processor_refund_id for entry in entries})
-            ledger: dict[str, Refund] = {}
+            # One read: the purchase's whole ledger (its refunded amount is their sum) and any
+            # row that already holds one of these refund ids, for another purchase too.
+            mine_or_named = Refund.purchase_id == purchase_id
             if refund_ids:
-                found = session.scalars(
-                    select(Refund).where(Refund.processor_refund_id.in_(refund_ids))
-                )
-                ledger = {row.processor_refund_id: row for row in found}
+                mine_or_named = or_(mine_or_named, Refund.processor_refund_id.in_(refund_ids))
+            ledger = {
+                row.processor_refund_id: row
+                for row in session.scalars(select(Refund).where(mine_or_named))
+            }
 
             recorded = 0
             for entry in entries:
@@ -454,15 +458,14 @@ class OasisStore:
                     )
                     row.status = entry.status
 
-            session.flush()
-            counted = session.scalar(
-                select(func.coalesce(func.sum(Refund.amount_cents), 0)).where(
-                    Refund.purchase_id == purchase_id, Refund.status != "failed"
-                )
+            counted = sum(
+                row.amount_cents
+                for row in ledger.values()
+                if row.purchase_id == purchase_id and row.status != "failed"
             )
             # Refunds made outside OASIS can exceed what OASIS charged; the ledger keeps them
             # all, the purchase never shows more refunded than paid.
-            purchase.refunded_cents = min(int(counted or 0), purchase.amount_cents)
+            purchase.refunded_cents = min(counted, purchase.amount_cents)
             if purchase.status != "revoked":
                 purchase.status = _purchase_status(purchase.refunded_cents, purchase.amount_cents)
             return RecordRefundsResult(
@@ -492,17 +495,25 @@ class OasisStore:
             PurchaseNotFound: No such purchase.
         """
         with self._write() as session:
-            return self._complete_refund(
+            status, _ = self._complete_refund(
                 session,
                 purchase_id=purchase_id,
                 workflow_id=workflow_id,
                 outcome=outcome,
                 revoked=revoked,
             )
+            return status
 
     def _complete_refund(
-        self, session: Session, *, purchase_id: int, workflow_id: str, outcome: str, revoked: bool
-    ) -> PurchaseStatus:
+        self,
+        session: Session,
+        *,
+        purchase_id: int,
+        workflow_id: str,
+        outcome: str,
+        revoked: bool,
+        also: Collection[str] = (),
+    ) -> tuple[PurchaseStatus, set[str]]:
         return self._settle_purchase(
             session,
             purchase_id=purchase_id,
@@ -510,6 +521,7 @@ class OasisStore:
             revoke=revoked,
             event="refund_completed",
             detail={"outcome": outcome, "revoked": revoked},
+            also=also,
         )
 
     def _settle_purchase(
@@ -521,13 +533,20 @@ class OasisStore:
         revoke: bool,
         event: str,
         detail: dict[str, Any],
-    ) -> PurchaseStatus:
+        also: Collection[str] = (),
+    ) -> tuple[PurchaseStatus, set[str]]:
         """Lock the purchase, make it ``revoked`` when asked unless it is fully refunded (which
-        says more), and write `event` with the status once per workflow."""
+        says more), and write `event` with the status once per workflow.
+
+        Returns:
+            The purchase's status, and which of `event` and `also` the workflow had written
+            before (read in the same query, under the purchase's lock).
+        """
         purchase = self._locked_purchase(session, purchase_id)
         if revoke and purchase.status != "refunded":
             purchase.status = "revoked"
-        if not self._has_event(session, workflow_id=workflow_id, event=event):
+        held = self._events_held(session, workflow_id=workflow_id, events=(event, *also))
+        if event not in held:
             self._audit(
                 session,
                 event=event,
@@ -535,7 +554,7 @@ class OasisStore:
                 purchase_id=purchase_id,
                 detail={**detail, "status": purchase.status},
             )
-        return cast(PurchaseStatus, purchase.status)
+        return cast(PurchaseStatus, purchase.status), held
 
     def end_entitlement(self, *, purchase_id: int, workflow_id: str) -> PurchaseStatus:
         """End the entitlement an OASIS purchase grants (products whose source is `oasis`).
@@ -547,7 +566,7 @@ class OasisStore:
             PurchaseNotFound: No such purchase.
         """
         with self._write() as session:
-            return self._settle_purchase(
+            status, _ = self._settle_purchase(
                 session,
                 purchase_id=purchase_id,
                 workflow_id=workflow_id,
@@ -555,6 +574,7 @@ class OasisStore:
                 event="entitlement_ended",
                 detail={},
             )
+            return status
 
     # -- progress and access ---------------------------------------------------------------
 
@@ -1145,6 +1165,17 @@ class OasisStore:
         )
 
     @staticmethod
+    def _events_held(session: Session, *, workflow_id: str, events: Collection[str]) -> set[str]:
+        """Which of `events` the workflow has in the trail: one query for several."""
+        return set(
+            session.scalars(
+                select(AuditEventRow.event)
+                .where(AuditEventRow.workflow_id == workflow_id, AuditEventRow.event.in_(events))
+                .distinct()
+            )
+        )
+
+    @staticmethod
     def _has_event(session: Session, *, workflow_id: str, event: str) -> bool:
         return bool(
             session.scalar(
@@ -1214,14 +1245,17 @@ class OasisStore:
         """
         with self._write() as session:
             if state == "COMPLETED":
-                self._complete_refund(
+                _, held = self._complete_refund(
                     session,
                     purchase_id=purchase_id,
                     workflow_id=workflow_id,
                     outcome=state,
                     revoked=revoked,
+                    also=("saga_ended",),
                 )
-            if self._has_event(session, workflow_id=workflow_id, event="saga_ended"):
+            else:
+                held = self._events_held(session, workflow_id=workflow_id, events=("saga_ended",))
+            if "saga_ended" in held:
                 return False
             self._audit_end(
                 session,
