@@ -1175,17 +1175,9 @@ class OasisStore:
             )
         )
 
-    @staticmethod
-    def _has_event(session: Session, *, workflow_id: str, event: str) -> bool:
-        return bool(
-            session.scalar(
-                select(
-                    exists().where(
-                        AuditEventRow.workflow_id == workflow_id, AuditEventRow.event == event
-                    )
-                )
-            )
-        )
+    @classmethod
+    def _has_event(cls, session: Session, *, workflow_id: str, event: str) -> bool:
+        return event in cls._events_held(session, workflow_id=workflow_id, events=(event,))
 
     def add_audit(
         self,
