@@ -293,10 +293,9 @@ def run_backend(
                         # process_time ticks coarsely: the mean over many calls, not the median.
                         "cpu_mean_ms": statistics.fmean(cpus),
                     }
-                result["sizes"][str(db.progress_rows)]["steps"] = steps
-                result["sizes"][str(db.progress_rows)]["cpu_ms_per_saga"] = sum(
-                    steps[step]["cpu_mean_ms"] for step in STEPS
-                )
+                size_result = result["sizes"][str(db.progress_rows)]
+                size_result["steps"] = steps
+                size_result["cpu_ms_per_saga"] = sum(steps[step]["cpu_mean_ms"] for step in STEPS)
         small, large = str(min(sizes)), str(max(sizes))
         result["ratio_large_to_small"] = {
             step: result["sizes"][large]["steps"][step]["median_ms"]

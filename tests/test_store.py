@@ -254,16 +254,21 @@ def test_record_refunds_refuses_another_currency(store: OasisStore, seeded: Seed
     assert scalar(store, "SELECT count(*) FROM refunds") == 0
 
 
-def test_record_refunds_refuses_a_refund_of_another_purchase(
-    store: OasisStore, seeded: Seeded
-) -> None:
-    other = store.create_purchase(
+def another_buyers_purchase(store: OasisStore, seeded: Seeded) -> int:
+    """A purchase of the same product by the other user, with a charge of its own."""
+    return store.create_purchase(
         user_id=seeded.other_user_id,
         product_id=seeded.product_id,
         amount_cents=995,
         currency="usd",
         processor_charge_id="ch_2",
     )
+
+
+def test_record_refunds_refuses_a_refund_of_another_purchase(
+    store: OasisStore, seeded: Seeded
+) -> None:
+    other = another_buyers_purchase(store, seeded)
     store.record_refunds(other, [entry("re_1", 100)], workflow_id=None)
 
     with pytest.raises(StoreError, match="re_1"):
@@ -277,13 +282,7 @@ def test_record_refunds_refuses_a_refund_of_another_purchase(
 def test_refunded_amount_counts_only_this_purchases_ledger(
     store: OasisStore, seeded: Seeded
 ) -> None:
-    other = store.create_purchase(
-        user_id=seeded.other_user_id,
-        product_id=seeded.product_id,
-        amount_cents=995,
-        currency="usd",
-        processor_charge_id="ch_2",
-    )
+    other = another_buyers_purchase(store, seeded)
     store.record_refunds(other, [entry("re_other", 700)], workflow_id=None)
     store.record_refunds(seeded.purchase_id, [entry("re_1", 100)], workflow_id=WORKFLOW)
 
