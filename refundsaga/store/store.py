@@ -12,7 +12,9 @@ from typing import Any, cast
 from sqlalchemy import (
     Connection,
     Engine,
+    Row,
     Select,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     make_url,
     or_,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,6 +67,104 @@ _IN_CHUNK = 500
 
 # Connection execution option marking a transaction that will write (see _sqlite_begin).
 _WRITE_OPTION = "refundsaga_write"
+
+# What the store's helpers write through: an ORM session, or a plain connection where a
+# method runs only Core statements (the saga's steps: no unit of work to track and flush).
+_Db = Session | Connection
+
+# The saga's statements, built once with bound parameters. Building a statement and its cache
+# key on every call cost more CPU than the database's own work on these one-row queries
+# (bench/README.md, "statements built once").
+_PROGRESS_OF_PURCHASE = (
+    select(func.count())
+    .select_from(CourseProgress)
+    .where(
+        CourseProgress.user_id == Purchase.user_id,
+        CourseProgress.product_id == Purchase.product_id,
+    )
+    .correlate(Purchase)
+    .scalar_subquery()
+)
+_LOAD_PURCHASE = (
+    select(
+        Purchase.id.label("purchase_id"),
+        Purchase.user_id,
+        Purchase.product_id,
+        Product.code.label("product_code"),
+        Product.entitlement_source,
+        User.ams_member_id,
+        Purchase.amount_cents,
+        Purchase.currency,
+        Purchase.refunded_cents,
+        Purchase.status,
+        Purchase.processor_charge_id,
+        _PROGRESS_OF_PURCHASE.label("progress_count"),
+    )
+    .join(Product, Product.id == Purchase.product_id)
+    .join(User, User.id == Purchase.user_id)
+    .where(Purchase.id == bindparam("purchase_id"))
+)
+_ACCESS_FACTS = select(
+    select(func.count())
+    .select_from(CourseProgress)
+    .where(
+        CourseProgress.user_id == bindparam("user_id"),
+        CourseProgress.product_id == bindparam("product_id"),
+    )
+    .scalar_subquery(),
+    exists().where(
+        Purchase.user_id == bindparam("user_id"),
+        Purchase.product_id == bindparam("product_id"),
+        Purchase.status.in_(ENTITLING_STATUSES),
+    ),
+)
+# FOR UPDATE serializes the saga's writes to one purchase on PostgreSQL (SQLite's BEGIN
+# IMMEDIATE already serializes all writers).
+_LOCK_PURCHASE = (
+    select(Purchase.__table__).where(Purchase.id == bindparam("purchase_id")).with_for_update()
+)
+_SET_PURCHASE_STATUS = (
+    update(Purchase)
+    .where(Purchase.id == bindparam("purchase_id"))
+    .values(status=bindparam("new_status"))
+)
+_SET_PURCHASE_REFUNDED = (
+    update(Purchase)
+    .where(Purchase.id == bindparam("purchase_id"))
+    .values(refunded_cents=bindparam("new_refunded_cents"), status=bindparam("new_status"))
+)
+# The purchase's whole ledger and any row that already holds one of the named refund ids.
+_LEDGER_AND_NAMED = select(Refund.__table__).where(
+    or_(
+        Refund.purchase_id == bindparam("purchase_id"),
+        Refund.processor_refund_id.in_(bindparam("refund_ids", expanding=True)),
+    )
+)
+_EVENTS_HELD = (
+    select(AuditEventRow.event)
+    .where(
+        AuditEventRow.workflow_id == bindparam("workflow_id"),
+        AuditEventRow.event.in_(bindparam("events", expanding=True)),
+    )
+    .distinct()
+)
+_PROGRESS_ROWS = (
+    select(CourseProgress.__table__)
+    .where(
+        CourseProgress.user_id == bindparam("user_id"),
+        CourseProgress.product_id == bindparam("product_id"),
+    )
+    .order_by(CourseProgress.id)
+    .with_for_update()
+)
+_INSERT_AUDIT = insert(AuditEventRow)
+_INSERT_REFUND = insert(Refund)
+_SET_REFUND_STATUS = (
+    update(Refund).where(Refund.id == bindparam("row_id")).values(status=bindparam("new_status"))
+)
+_DELETE_PROGRESS = delete(CourseProgress).where(
+    CourseProgress.id.in_(bindparam("ids", expanding=True))
+)
 
 
 class StoreError(Exception):
@@ -258,9 +359,8 @@ class OasisStore:
         self._engine = engine
         self._owns_engine = False
         self._reads = sessionmaker(engine, expire_on_commit=False)
-        self._writes = sessionmaker(
-            engine.execution_options(**{_WRITE_OPTION: True}), expire_on_commit=False
-        )
+        self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
+        self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 5) -> OasisStore:
@@ -321,6 +421,12 @@ class OasisStore:
         with self._writes.begin() as session:
             yield session
 
+    @contextmanager
+    def _write_rows(self) -> Iterator[Connection]:
+        """A write transaction on a plain connection, for methods of Core statements only."""
+        with self._write_engine.begin() as connection:
+            yield connection
+
     # -- purchases -------------------------------------------------------------------------
 
     def load_purchase(self, purchase_id: int) -> PurchaseSnapshot | None:
@@ -332,43 +438,14 @@ class OasisStore:
         Returns:
             The snapshot, or None if there is no such purchase.
         """
-        progress_count = (
-            select(func.count())
-            .select_from(CourseProgress)
-            .where(
-                CourseProgress.user_id == Purchase.user_id,
-                CourseProgress.product_id == Purchase.product_id,
-            )
-            .correlate(Purchase)
-            .scalar_subquery()
-        )
-        statement = (
-            select(
-                Purchase.id.label("purchase_id"),
-                Purchase.user_id,
-                Purchase.product_id,
-                Product.code.label("product_code"),
-                Product.entitlement_source,
-                User.ams_member_id,
-                Purchase.amount_cents,
-                Purchase.currency,
-                Purchase.refunded_cents,
-                Purchase.status,
-                Purchase.processor_charge_id,
-                progress_count.label("progress_count"),
-            )
-            .join(Product, Product.id == Purchase.product_id)
-            .join(User, User.id == Purchase.user_id)
-            .where(Purchase.id == purchase_id)
-        )
-        with self._read() as session:
-            row = session.execute(statement).one_or_none()
+        with self._engine.begin() as connection:
+            row = connection.execute(_LOAD_PURCHASE, {"purchase_id": purchase_id}).one_or_none()
         return None if row is None else PurchaseSnapshot.model_validate(dict(row._mapping))
 
-    def _locked_purchase(self, session: Session, purchase_id: int) -> Purchase:
-        # FOR UPDATE serializes the saga's writes to one purchase on PostgreSQL (SQLite's
-        # BEGIN IMMEDIATE already serializes all writers).
-        purchase = session.get(Purchase, purchase_id, with_for_update=True)
+    @staticmethod
+    def _locked_purchase(db: _Db, purchase_id: int) -> Row[Any]:
+        """The purchase's row, locked for the rest of the transaction."""
+        purchase = db.execute(_LOCK_PURCHASE, {"purchase_id": purchase_id}).one_or_none()
         if purchase is None:
             raise PurchaseNotFound(purchase_id)
         return purchase
@@ -396,8 +473,8 @@ class OasisStore:
             StoreError: An entry's currency differs from the purchase's, or its refund id is
                 already recorded for another purchase or with another amount.
         """
-        with self._write() as session:
-            purchase = self._locked_purchase(session, purchase_id)
+        with self._write_rows() as db:
+            purchase = self._locked_purchase(db, purchase_id)
             for entry in entries:
                 if entry.currency != purchase.currency:
                     raise StoreError(
@@ -407,71 +484,94 @@ class OasisStore:
             refund_ids = sorted({entry.processor_refund_id for entry in entries})
             # One read: the purchase's whole ledger (its refunded amount is their sum) and any
             # row that already holds one of these refund ids, for another purchase too.
-            mine_or_named = Refund.purchase_id == purchase_id
-            if refund_ids:
-                mine_or_named = or_(mine_or_named, Refund.processor_refund_id.in_(refund_ids))
+            rows = db.execute(
+                _LEDGER_AND_NAMED, {"purchase_id": purchase_id, "refund_ids": refund_ids}
+            ).all()
+            # refund id -> (purchase id, amount, status) as the ledger holds them after this call
             ledger = {
-                row.processor_refund_id: row
-                for row in session.scalars(select(Refund).where(mine_or_named))
+                row.processor_refund_id: (row.purchase_id, row.amount_cents, row.status)
+                for row in rows
             }
+            row_ids = {row.processor_refund_id: row.id for row in rows}
 
             recorded = 0
             for entry in entries:
-                row = ledger.get(entry.processor_refund_id)
-                if row is None:
-                    row = Refund(
-                        purchase_id=purchase_id,
-                        processor_refund_id=entry.processor_refund_id,
-                        amount_cents=entry.amount_cents,
-                        currency=entry.currency,
-                        source=entry.source,
-                        status=entry.status,
-                        workflow_id=workflow_id,
+                held = ledger.get(entry.processor_refund_id)
+                if held is None:
+                    db.execute(
+                        _INSERT_REFUND,
+                        {
+                            "purchase_id": purchase_id,
+                            "processor_refund_id": entry.processor_refund_id,
+                            "amount_cents": entry.amount_cents,
+                            "currency": entry.currency,
+                            "source": entry.source,
+                            "status": entry.status,
+                            "workflow_id": workflow_id,
+                        },
                     )
-                    session.add(row)
-                    ledger[entry.processor_refund_id] = row
+                    ledger[entry.processor_refund_id] = (
+                        purchase_id,
+                        entry.amount_cents,
+                        entry.status,
+                    )
                     recorded += 1
                     self._audit(
-                        session,
+                        db,
                         event="refund_recorded",
                         workflow_id=workflow_id,
                         purchase_id=purchase_id,
                         detail=entry.model_dump(mode="json"),
                     )
                     continue
-                if row.purchase_id != purchase_id or row.amount_cents != entry.amount_cents:
+                held_purchase, held_amount, held_status = held
+                if held_purchase != purchase_id or held_amount != entry.amount_cents:
                     raise StoreError(
                         f"refund {entry.processor_refund_id} is already recorded as "
-                        f"{row.amount_cents} for purchase {row.purchase_id}"
+                        f"{held_amount} for purchase {held_purchase}"
                     )
-                if row.status != entry.status:
+                if held_status != entry.status:
                     self._audit(
-                        session,
+                        db,
                         event="refund_status_changed",
                         workflow_id=workflow_id,
                         purchase_id=purchase_id,
                         detail={
                             "processor_refund_id": entry.processor_refund_id,
-                            "from": row.status,
+                            "from": held_status,
                             "to": entry.status,
                         },
                     )
-                    row.status = entry.status
+                    db.execute(
+                        _SET_REFUND_STATUS,
+                        {"row_id": row_ids[entry.processor_refund_id], "new_status": entry.status},
+                    )
+                    ledger[entry.processor_refund_id] = (held_purchase, held_amount, entry.status)
 
             counted = sum(
-                row.amount_cents
-                for row in ledger.values()
-                if row.purchase_id == purchase_id and row.status != "failed"
+                amount
+                for held_purchase, amount, status in ledger.values()
+                if held_purchase == purchase_id and status != "failed"
             )
             # Refunds made outside OASIS can exceed what OASIS charged; the ledger keeps them
             # all, the purchase never shows more refunded than paid.
-            purchase.refunded_cents = min(counted, purchase.amount_cents)
-            if purchase.status != "revoked":
-                purchase.status = _purchase_status(purchase.refunded_cents, purchase.amount_cents)
+            refunded_cents = min(counted, purchase.amount_cents)
+            status = purchase.status
+            if status != "revoked":
+                status = _purchase_status(refunded_cents, purchase.amount_cents)
+            if (refunded_cents, status) != (purchase.refunded_cents, purchase.status):
+                db.execute(
+                    _SET_PURCHASE_REFUNDED,
+                    {
+                        "purchase_id": purchase_id,
+                        "new_refunded_cents": refunded_cents,
+                        "new_status": status,
+                    },
+                )
             return RecordRefundsResult(
                 recorded=recorded,
-                refunded_cents=purchase.refunded_cents,
-                purchase_status=cast(PurchaseStatus, purchase.status),
+                refunded_cents=refunded_cents,
+                purchase_status=cast(PurchaseStatus, status),
             )
 
     def complete_refund(
@@ -494,9 +594,9 @@ class OasisStore:
         Raises:
             PurchaseNotFound: No such purchase.
         """
-        with self._write() as session:
+        with self._write_rows() as db:
             status, _ = self._complete_refund(
-                session,
+                db,
                 purchase_id=purchase_id,
                 workflow_id=workflow_id,
                 outcome=outcome,
@@ -506,7 +606,7 @@ class OasisStore:
 
     def _complete_refund(
         self,
-        session: Session,
+        db: _Db,
         *,
         purchase_id: int,
         workflow_id: str,
@@ -515,7 +615,7 @@ class OasisStore:
         also: Collection[str] = (),
     ) -> tuple[PurchaseStatus, set[str]]:
         return self._settle_purchase(
-            session,
+            db,
             purchase_id=purchase_id,
             workflow_id=workflow_id,
             revoke=revoked,
@@ -526,7 +626,7 @@ class OasisStore:
 
     def _settle_purchase(
         self,
-        session: Session,
+        db: _Db,
         *,
         purchase_id: int,
         workflow_id: str,
@@ -542,19 +642,20 @@ class OasisStore:
             The purchase's status, and which of `event` and `also` the workflow had written
             before (read in the same query, under the purchase's lock).
         """
-        purchase = self._locked_purchase(session, purchase_id)
-        if revoke and purchase.status != "refunded":
-            purchase.status = "revoked"
-        held = self._events_held(session, workflow_id=workflow_id, events=(event, *also))
+        status = self._locked_purchase(db, purchase_id).status
+        if revoke and status not in ("refunded", "revoked"):
+            status = "revoked"
+            db.execute(_SET_PURCHASE_STATUS, {"purchase_id": purchase_id, "new_status": status})
+        held = self._events_held(db, workflow_id=workflow_id, events=(event, *also))
         if event not in held:
             self._audit(
-                session,
+                db,
                 event=event,
                 workflow_id=workflow_id,
                 purchase_id=purchase_id,
-                detail={**detail, "status": purchase.status},
+                detail={**detail, "status": status},
             )
-        return cast(PurchaseStatus, purchase.status), held
+        return cast(PurchaseStatus, status), held
 
     def end_entitlement(self, *, purchase_id: int, workflow_id: str) -> PurchaseStatus:
         """End the entitlement an OASIS purchase grants (products whose source is `oasis`).
@@ -565,9 +666,9 @@ class OasisStore:
         Raises:
             PurchaseNotFound: No such purchase.
         """
-        with self._write() as session:
+        with self._write_rows() as db:
             status, _ = self._settle_purchase(
-                session,
+                db,
                 purchase_id=purchase_id,
                 workflow_id=workflow_id,
                 revoke=True,
@@ -600,23 +701,17 @@ class OasisStore:
             PurchaseNotFound: No such purchase.
             StoreError: The purchase is not this user's purchase of this product.
         """
-        with self._write() as session:
-            purchase = self._locked_purchase(session, purchase_id)
+        with self._write_rows() as db:
+            purchase = self._locked_purchase(db, purchase_id)
             if (purchase.user_id, purchase.product_id) != (user_id, product_id):
                 raise StoreError(
                     f"purchase {purchase_id} is not user {user_id}'s purchase of "
                     f"product {product_id}"
                 )
-            progress = CourseProgress.__table__
-            rows = session.execute(
-                select(progress)
-                .where(progress.c.user_id == user_id, progress.c.product_id == product_id)
-                .order_by(progress.c.id)
-                .with_for_update()
-            ).all()
+            rows = db.execute(_PROGRESS_ROWS, {"user_id": user_id, "product_id": product_id}).all()
             archived_at = utcnow()
             if rows:
-                session.execute(
+                db.execute(
                     insert(ProgressArchive),
                     [
                         {
@@ -636,11 +731,8 @@ class OasisStore:
             # the saga's access check will find it.
             deleted = 0
             for ids in _chunks([row.id for row in rows]):
-                result = session.execute(
-                    delete(CourseProgress).where(CourseProgress.id.in_(ids)),
-                    execution_options={"synchronize_session": False},
-                )
-                deleted += result.rowcount  # type: ignore[attr-defined]
+                result = db.execute(_DELETE_PROGRESS, {"ids": list(ids)})
+                deleted += result.rowcount
             if deleted != len(rows):
                 # Raising rolls the archive back too: nothing is half done.
                 raise StoreError(
@@ -648,10 +740,10 @@ class OasisStore:
                     "revoking; nothing was deleted"
                 )
             if deleted or not self._has_event(
-                session, workflow_id=workflow_id, event="progress_revoked"
+                db, workflow_id=workflow_id, event="progress_revoked"
             ):
                 self._audit(
-                    session,
+                    db,
                     event="progress_revoked",
                     workflow_id=workflow_id,
                     purchase_id=purchase_id,
@@ -675,19 +767,9 @@ class OasisStore:
             The progress count and whether a purchase of the product is active or only
             partially refunded.
         """
-        progress_count = (
-            select(func.count())
-            .select_from(CourseProgress)
-            .where(CourseProgress.user_id == user_id, CourseProgress.product_id == product_id)
-            .scalar_subquery()
-        )
-        active_purchase = exists().where(
-            Purchase.user_id == user_id,
-            Purchase.product_id == product_id,
-            Purchase.status.in_(ENTITLING_STATUSES),
-        )
-        with self._read() as session:
-            row = session.execute(select(progress_count, active_purchase)).one()
+        params = {"user_id": user_id, "product_id": product_id}
+        with self._engine.begin() as connection:
+            row = connection.execute(_ACCESS_FACTS, params).one()
         return AccessFacts(progress_count=int(row[0]), active_purchase=bool(row[1]))
 
     def access_subject(self, user_id: int, product_id: int) -> AccessSubject | None:
@@ -1120,7 +1202,7 @@ class OasisStore:
 
     @staticmethod
     def _audit(
-        session: Session,
+        db: _Db,
         *,
         event: str,
         workflow_id: str | None,
@@ -1128,21 +1210,23 @@ class OasisStore:
         detail: dict[str, Any],
         actor: str = SYSTEM_ACTOR,
     ) -> None:
-        session.add(
-            AuditEventRow(
-                at=utcnow(),
-                event=event,
-                actor=actor,
-                workflow_id=workflow_id,
-                purchase_id=purchase_id,
-                detail=detail,
-            )
+        # A Core insert: no object for the unit of work to track and flush.
+        db.execute(
+            _INSERT_AUDIT,
+            {
+                "at": utcnow(),
+                "event": event,
+                "actor": actor,
+                "workflow_id": workflow_id,
+                "purchase_id": purchase_id,
+                "detail": detail,
+            },
         )
 
     @classmethod
     def _audit_end(
         cls,
-        session: Session,
+        db: _Db,
         *,
         workflow_id: str,
         purchase_id: int | None,
@@ -1153,31 +1237,24 @@ class OasisStore:
         """Write a workflow's ``(event, actor, detail)`` decisions, in order, then its end."""
         for decision, actor, decision_detail in decisions:
             cls._audit(
-                session,
+                db,
                 event=decision,
                 actor=actor,
                 workflow_id=workflow_id,
                 purchase_id=purchase_id,
                 detail=decision_detail,
             )
-        cls._audit(
-            session, event=event, workflow_id=workflow_id, purchase_id=purchase_id, detail=detail
-        )
+        cls._audit(db, event=event, workflow_id=workflow_id, purchase_id=purchase_id, detail=detail)
 
     @staticmethod
-    def _events_held(session: Session, *, workflow_id: str, events: Collection[str]) -> set[str]:
+    def _events_held(db: _Db, *, workflow_id: str, events: Collection[str]) -> set[str]:
         """Which of `events` the workflow has in the trail: one query for several."""
-        return set(
-            session.scalars(
-                select(AuditEventRow.event)
-                .where(AuditEventRow.workflow_id == workflow_id, AuditEventRow.event.in_(events))
-                .distinct()
-            )
-        )
+        params = {"workflow_id": workflow_id, "events": list(events)}
+        return set(db.scalars(_EVENTS_HELD, params))
 
     @classmethod
-    def _has_event(cls, session: Session, *, workflow_id: str, event: str) -> bool:
-        return event in cls._events_held(session, workflow_id=workflow_id, events=(event,))
+    def _has_event(cls, db: _Db, *, workflow_id: str, event: str) -> bool:
+        return event in cls._events_held(db, workflow_id=workflow_id, events=(event,))
 
     def add_audit(
         self,
@@ -1235,10 +1312,10 @@ class OasisStore:
         Raises:
             PurchaseNotFound: A COMPLETED saga's purchase does not exist.
         """
-        with self._write() as session:
+        with self._write_rows() as db:
             if state == "COMPLETED":
                 _, held = self._complete_refund(
-                    session,
+                    db,
                     purchase_id=purchase_id,
                     workflow_id=workflow_id,
                     outcome=state,
@@ -1246,11 +1323,11 @@ class OasisStore:
                     also=("saga_ended",),
                 )
             else:
-                held = self._events_held(session, workflow_id=workflow_id, events=("saga_ended",))
+                held = self._events_held(db, workflow_id=workflow_id, events=("saga_ended",))
             if "saga_ended" in held:
                 return False
             self._audit_end(
-                session,
+                db,
                 workflow_id=workflow_id,
                 purchase_id=purchase_id,
                 decisions=decisions,
