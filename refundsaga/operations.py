@@ -61,7 +61,7 @@ from refundsaga.processor import ProcessorClient, ProcessorError
 from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
 from workflows.batch_refund import BatchRefund
-from workflows.refund_saga import RefundSaga
+from workflows.refund_saga import CURRENT_SHAPE, SHAPE_MEMO, RefundSaga
 from workflows.restore_progress import PurgeExpiredSnapshots, RestoreProgress
 
 
@@ -116,6 +116,8 @@ async def start_refund(
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             search_attributes=attributes,
+            # The saga's shape, decided here instead of by a patch marker (SHAPE_MEMO).
+            memo={SHAPE_MEMO: CURRENT_SHAPE},
             static_summary=f"Refund purchase {request.purchase_id}: {amount}",
             static_details=(
                 f"Requested by **{request.requested_by}** for purchase "

@@ -24,7 +24,7 @@ from refundsaga.contracts import (
 from refundsaga.operations import start_refund
 from refundsaga.search_attributes import REFUND_AMOUNT_CENTS, REFUND_STATE, WAITING_FOR
 from tests.fixtures.temporal import SagaWorld
-from workflows.refund_saga import RefundSaga
+from workflows.refund_saga import CURRENT_SHAPE, RefundSaga
 
 
 def processor_refunds(world: SagaWorld, charge_id: str) -> tuple[int, int]:
@@ -480,6 +480,45 @@ async def test_lists_learn_the_pivot_and_the_end_of_a_saga_started_with_attribut
     assert listed.get(REFUND_STATE) == "COMPLETED"
     assert listed.get(REFUND_AMOUNT_CENTS) == purchase.amount_cents
     assert listed.get(WAITING_FOR) == "none"
+
+
+async def patch_trail(handle: WorkflowHandle[Any, Any]) -> tuple[list[str], list[list[str]]]:
+    """The patch ids of the saga's markers, and each `TemporalChangeVersion` it upserted."""
+    history = await handle.fetch_history()
+    patches: list[str] = []
+    versions: list[list[str]] = []
+    for event in history.events:
+        marker = event.marker_recorded_event_attributes
+        if marker.marker_name == "core_patch":
+            patches.append(json.loads(marker.details["patch-data"].payloads[0].data)["id"])
+        fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes
+        if "TemporalChangeVersion" in fields.indexed_fields:
+            versions.append(json.loads(fields.indexed_fields["TemporalChangeVersion"].data))
+    return patches, versions
+
+
+@pytest.mark.saga_settings(auto_approve_below_cents=10_000)
+async def test_a_saga_started_with_its_shape_pinned_asks_no_patch(world: SagaWorld) -> None:
+    pinned_purchase, asking_purchase = world.seed("oasis_entitled"), world.seed("oasis_entitled")
+    pinned = await world.start(pinned_purchase)  # as `refund start` does (SHAPE_MEMO)
+    asking = await world.start(asking_purchase, pin_shape=False)  # as a batch does
+    for handle, purchase in ((pinned, pinned_purchase), (asking, asking_purchase)):
+        result = await handle.result()
+        assert result.state == SagaState.COMPLETED
+        assert processor_refunds(world, purchase.charge_id) == (purchase.amount_cents, 1)
+        snapshot = world.store.load_purchase(purchase.purchase_id)
+        assert snapshot is not None and snapshot.status == "refunded"
+    assert await patch_trail(pinned) == ([], [])
+    assert await patch_trail(asking) == ([CURRENT_SHAPE], [[CURRENT_SHAPE]])
+    # The same shape both ways (local store steps, lists learning only the pivot and the end),
+    # less the patch's marker and its upsert, the first of each in the asking saga's history.
+    expected = await meaningful_events(asking)
+    expected.remove("EVENT_TYPE_MARKER_RECORDED")
+    expected.remove("EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES")
+    assert await meaningful_events(pinned) == expected
+    # Started without attributes (a batch's way), both upsert PREPARING themselves.
+    lists_saw = ["PREPARING", "REFUNDING", "COMPLETED"]
+    assert await listed_states(pinned) == await listed_states(asking) == lists_saw
 
 
 async def test_a_signal_after_the_end_is_refused(world: SagaWorld) -> None:
