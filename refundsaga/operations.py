@@ -89,9 +89,13 @@ def resolve_workflow_id(ref: str) -> str:
 
 
 async def start_refund(
-    client: Client, settings: Settings, request: RefundRequest
+    client: Client, settings: Settings, request: RefundRequest, *, pin_shape: bool = True
 ) -> WorkflowHandle[RefundSaga, SagaStatus]:
-    """Start a saga for the purchase, refused when one is already running for it."""
+    """Start a saga for the purchase, refused when one is already running for it.
+
+    The saga's shape is pinned in the start's memo (SHAPE_MEMO); `pin_shape=False` leaves it to
+    the saga's patch, as a batch's sagas and older starters do (the bench compares the two).
+    """
     if request.batch_approval is not None:
         raise Refused("a batch approval is given by `refund batch`, not by a single start")
     workflow_id = workflow_id_for(request.purchase_id)
@@ -117,7 +121,7 @@ async def start_refund(
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             search_attributes=attributes,
             # The saga's shape, decided here instead of by a patch marker (SHAPE_MEMO).
-            memo={SHAPE_MEMO: CURRENT_SHAPE},
+            memo={SHAPE_MEMO: CURRENT_SHAPE} if pin_shape else None,
             static_summary=f"Refund purchase {request.purchase_id}: {amount}",
             static_details=(
                 f"Requested by **{request.requested_by}** for purchase "

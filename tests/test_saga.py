@@ -44,6 +44,21 @@ async def listed_states(handle: WorkflowHandle[Any, Any]) -> list[str]:
     return states
 
 
+async def patch_trail(handle: WorkflowHandle[Any, Any]) -> tuple[list[str], list[list[str]]]:
+    """The patch ids of the saga's markers, and each `TemporalChangeVersion` it upserted."""
+    history = await handle.fetch_history()
+    patches: list[str] = []
+    versions: list[list[str]] = []
+    for event in history.events:
+        marker = event.marker_recorded_event_attributes
+        if marker.marker_name == "core_patch":
+            patches.append(json.loads(marker.details["patch-data"].payloads[0].data)["id"])
+        fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes
+        if "TemporalChangeVersion" in fields.indexed_fields:
+            versions.append(json.loads(fields.indexed_fields["TemporalChangeVersion"].data))
+    return patches, versions
+
+
 async def meaningful_events(handle: WorkflowHandle[Any, Any]) -> list[str]:
     """The history's event types, without workflow-task bookkeeping."""
     history = await handle.fetch_history()
@@ -476,25 +491,12 @@ async def test_lists_learn_the_pivot_and_the_end_of_a_saga_started_with_attribut
     assert (await handle.result()).state == SagaState.COMPLETED
     # PREPARING came with the start (as `refund start` sets it): no upsert for it.
     assert await listed_states(handle) == ["REFUNDING", "COMPLETED"]
+    # Its shape came with the start too (SHAPE_MEMO): no patch marker, no version upsert.
+    assert await patch_trail(handle) == ([], [])
     listed = (await handle.describe()).typed_search_attributes
     assert listed.get(REFUND_STATE) == "COMPLETED"
     assert listed.get(REFUND_AMOUNT_CENTS) == purchase.amount_cents
     assert listed.get(WAITING_FOR) == "none"
-
-
-async def patch_trail(handle: WorkflowHandle[Any, Any]) -> tuple[list[str], list[list[str]]]:
-    """The patch ids of the saga's markers, and each `TemporalChangeVersion` it upserted."""
-    history = await handle.fetch_history()
-    patches: list[str] = []
-    versions: list[list[str]] = []
-    for event in history.events:
-        marker = event.marker_recorded_event_attributes
-        if marker.marker_name == "core_patch":
-            patches.append(json.loads(marker.details["patch-data"].payloads[0].data)["id"])
-        fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes
-        if "TemporalChangeVersion" in fields.indexed_fields:
-            versions.append(json.loads(fields.indexed_fields["TemporalChangeVersion"].data))
-    return patches, versions
 
 
 @pytest.mark.saga_settings(auto_approve_below_cents=10_000)
