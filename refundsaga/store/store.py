@@ -74,7 +74,7 @@ _Db = Session | Connection
 
 # The saga's statements, built once with bound parameters. Building a statement and its cache
 # key on every call cost more CPU than the database's own work on these one-row queries
-# (bench/README.md, "statements built once").
+# (bench/README.md, "Statements built once").
 _PROGRESS_OF_PURCHASE = (
     select(func.count())
     .select_from(CourseProgress)
