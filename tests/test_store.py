@@ -219,6 +219,21 @@ def test_status_change_is_applied_not_duplicated(store: OasisStore, seeded: Seed
     ]
 
 
+def test_a_refund_named_twice_in_one_call_ends_with_its_last_status(
+    store: OasisStore, seeded: Seeded
+) -> None:
+    result = store.record_refunds(
+        seeded.purchase_id,
+        [entry("re_1", 995, status="pending"), entry("re_1", 995, status="failed")],
+        workflow_id=WORKFLOW,
+    )
+
+    assert (result.recorded, result.refunded_cents, result.purchase_status) == (1, 0, "active")
+    assert rows(store, "SELECT status FROM refunds") == [{"status": "failed"}]
+    events = [e.event for e in store.audit_trail(workflow_id=WORKFLOW)]
+    assert events == ["refund_recorded", "refund_status_changed"]
+
+
 def test_external_refunds_beyond_the_amount_are_capped(store: OasisStore, seeded: Seeded) -> None:
     result = store.record_refunds(
         seeded.purchase_id,

@@ -85,7 +85,8 @@ _PROGRESS_OF_PURCHASE = (
     .correlate(Purchase)
     .scalar_subquery()
 )
-_LOAD_PURCHASE = (
+# A purchase as a refund sees it (PurchaseSnapshot): one saga's, or a batch's many.
+_PURCHASE_SNAPSHOTS = (
     select(
         Purchase.id.label("purchase_id"),
         Purchase.user_id,
@@ -102,8 +103,8 @@ _LOAD_PURCHASE = (
     )
     .join(Product, Product.id == Purchase.product_id)
     .join(User, User.id == Purchase.user_id)
-    .where(Purchase.id == bindparam("purchase_id"))
 )
+_LOAD_PURCHASE = _PURCHASE_SNAPSHOTS.where(Purchase.id == bindparam("purchase_id"))
 _ACCESS_FACTS = select(
     select(func.count())
     .select_from(CourseProgress)
@@ -159,8 +160,11 @@ _PROGRESS_ROWS = (
 )
 _INSERT_AUDIT = insert(AuditEventRow)
 _INSERT_REFUND = insert(Refund)
+# By the processor's refund id, unique in the ledger: also a row inserted in the same call.
 _SET_REFUND_STATUS = (
-    update(Refund).where(Refund.id == bindparam("row_id")).values(status=bindparam("new_status"))
+    update(Refund)
+    .where(Refund.processor_refund_id == bindparam("refund_id"))
+    .values(status=bindparam("new_status"))
 )
 _DELETE_PROGRESS = delete(CourseProgress).where(
     CourseProgress.id.in_(bindparam("ids", expanding=True))
@@ -492,7 +496,6 @@ class OasisStore:
                 row.processor_refund_id: (row.purchase_id, row.amount_cents, row.status)
                 for row in rows
             }
-            row_ids = {row.processor_refund_id: row.id for row in rows}
 
             recorded = 0
             for entry in entries:
@@ -544,7 +547,7 @@ class OasisStore:
                     )
                     db.execute(
                         _SET_REFUND_STATUS,
-                        {"row_id": row_ids[entry.processor_refund_id], "new_status": entry.status},
+                        {"refund_id": entry.processor_refund_id, "new_status": entry.status},
                     )
                     ledger[entry.processor_refund_id] = (held_purchase, held_amount, entry.status)
 
@@ -820,35 +823,7 @@ class OasisStore:
         """
         if (product_id is None) == (purchase_ids is None):
             raise ValueError("batch_candidates needs a product_id or purchase_ids")
-        progress_count = (
-            select(func.count())
-            .select_from(CourseProgress)
-            .where(
-                CourseProgress.user_id == Purchase.user_id,
-                CourseProgress.product_id == Purchase.product_id,
-            )
-            .correlate(Purchase)
-            .scalar_subquery()
-        )
-        base = (
-            select(
-                Purchase.id.label("purchase_id"),
-                Purchase.user_id,
-                Purchase.product_id,
-                Product.code.label("product_code"),
-                Product.entitlement_source,
-                User.ams_member_id,
-                Purchase.amount_cents,
-                Purchase.currency,
-                Purchase.refunded_cents,
-                Purchase.status,
-                Purchase.processor_charge_id,
-                progress_count.label("progress_count"),
-            )
-            .join(Product, Product.id == Purchase.product_id)
-            .join(User, User.id == Purchase.user_id)
-            .order_by(Purchase.id)
-        )
+        base = _PURCHASE_SNAPSHOTS.order_by(Purchase.id)
         statements = (
             [base.where(Purchase.product_id == product_id)]
             if purchase_ids is None
