@@ -50,8 +50,8 @@ RESULTS = REPO / "bench" / "results"
 HOST = "127.0.0.1"
 # What refundsaga/stack.py passes to `temporal server start-dev`; other settings are started
 # by the bench itself so that the comparison can be made on the same code.
-STACK_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
-STACK_DYNAMIC_CONFIG: tuple[str, ...] = ()
+STACK_PRAGMAS = stack.DEV_SERVER_PRAGMAS
+STACK_DYNAMIC_CONFIG = stack.DEV_SERVER_DYNAMIC_CONFIG
 # Above the standard scenario's 99.95 so that it needs no approver (REFUND_AUTO_APPROVE_...).
 AUTO_APPROVE_ALL_CENTS = 1_000_000
 SAGA_QUEUE = "bench-saga"
@@ -157,6 +157,17 @@ def _await_exec(proc: subprocess.Popen[bytes], marker: str, timeout_s: float = 1
         time.sleep(0.01)
 
 
+def with_overrides(values: Sequence[str], overrides: Sequence[str]) -> tuple[str, ...]:
+    """`KEY=JSON` dynamic config values with `overrides` on top: the last value of a key wins."""
+    merged: dict[str, str] = {}
+    for value in (*values, *overrides):
+        key, sep, _ = value.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"dynamic config value {value!r} is not KEY=JSON")
+        merged[key.strip()] = value
+    return tuple(merged.values())
+
+
 def _spawn_temporal(
     settings: Settings,
     pragmas: Sequence[str],
@@ -191,10 +202,7 @@ def _spawn_temporal(
         *sa.dev_server_flags(),
         "--ui-disable-news-fetch",
     ]
-    for pragma in pragmas:
-        argv += ["--sqlite-pragma", pragma]
-    for value in dynamic_config:
-        argv += ["--dynamic-config-value", value]
+    argv += stack.dev_server_tuning(pragmas, dynamic_config)
     argv += ["--metrics-port", str(metrics_port)]
     with (data_dir / "logs" / "temporal.log").open("ab") as log:
         proc = subprocess.Popen(
@@ -1092,7 +1100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         metavar="KEY=JSON",
         help="a --dynamic-config-value for the dev server (repeatable), e.g. "
-        "system.enableActivityEagerExecution=true; default: the stack's",
+        "system.enableActivityEagerExecution=true, on top of the stack's (one for a key the "
+        "stack sets replaces the stack's value)",
     )
     parser.add_argument("--history-sample", type=int, default=50)
     parser.add_argument("--baseline-activities", type=int, default=STANDARD_SAGA_ACTIVITIES)
@@ -1129,6 +1138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown or not variants:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    try:
+        dynamic_config = with_overrides(STACK_DYNAMIC_CONFIG, args.dynamic_config or ())
+    except ValueError as err:
+        parser.error(str(err))
     if args.max_load is not None:
         print(f"load {wait_for_quiet(args.max_load, args.max_wait):.2f}")
     if load_1m() > 1.5:
@@ -1140,9 +1153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reps=args.reps,
         variants=variants,
         pragmas=pragmas,
-        dynamic_config=(
-            STACK_DYNAMIC_CONFIG if args.dynamic_config is None else tuple(args.dynamic_config)
-        ),
+        dynamic_config=dynamic_config,
         history_sample=args.history_sample,
         baseline_steps=args.baseline_activities,
         profile_dir=args.profile_dir,

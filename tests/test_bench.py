@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench.bench import jsonable, percentile, summarize
+from bench.bench import STACK_DYNAMIC_CONFIG, jsonable, main, percentile, summarize, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE_KEYS = (
@@ -32,6 +32,30 @@ def test_percentile_and_summary() -> None:
     assert percentile(values, 99) == 99
     assert summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
     assert jsonable({"x": [float("nan"), 1.0]}) == {"x": [None, 1.0]}
+
+
+def test_dynamic_config_overrides_replace_the_stacks_value_of_a_key() -> None:
+    stack_value = "system.forceSearchAttributesCacheRefreshOnRead=false"
+    assert stack_value in STACK_DYNAMIC_CONFIG
+    merged = with_overrides(
+        STACK_DYNAMIC_CONFIG,
+        [
+            "system.enableActivityEagerExecution=true",
+            "system.forceSearchAttributesCacheRefreshOnRead=true",
+        ],
+    )
+    assert "system.enableActivityEagerExecution=true" in merged
+    assert "system.forceSearchAttributesCacheRefreshOnRead=true" in merged
+    assert stack_value not in merged
+
+
+def test_a_malformed_dynamic_config_value_is_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--n", "1", "--dynamic-config", "no-equals-sign"])
+    assert exit_info.value.code == 2
+    assert "'no-equals-sign' is not KEY=JSON" in capsys.readouterr().err
 
 
 def run_bench(module: str, out: Path, *args: str) -> Any:

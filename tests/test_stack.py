@@ -16,6 +16,7 @@ import pytest
 from pydantic import SecretStr
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from refundsaga import search_attributes, stack
 from refundsaga.settings import Settings
@@ -46,6 +47,32 @@ def _assert_all_stopped(settings: Settings) -> None:
     assert not list((settings.data_dir / "pids").glob("*.pid"))
     for port in _ports(settings):
         assert _port_free(port), f"port {port} still taken"
+
+
+def _start_naming_every_search_attribute(address: str) -> None:
+    """Start (then terminate) a workflow that sets every saga search attribute, as
+    `refund start` does; the server refuses the start if one is not usable yet."""
+
+    async def start() -> None:
+        client = await Client.connect(address)
+        values: dict[str, object] = {"Keyword": "x", "Int": 1}
+        pairs = [
+            SearchAttributePair(key, values[key.indexed_value_type.name.title()])
+            for key in search_attributes.ALL
+        ]
+        handle = await client.start_workflow(
+            "NoSuchWorkflow",
+            id="search-attribute-probe",
+            task_queue="nobody-polls-this",
+            search_attributes=TypedSearchAttributes(pairs),
+        )
+        await handle.terminate("probe")
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(start())
+    finally:
+        loop.close()
 
 
 def _custom_search_attributes(address: str) -> set[str]:
@@ -101,6 +128,9 @@ def test_up_status_down(stack_settings: Settings, monkeypatch: pytest.MonkeyPatc
     assert _custom_search_attributes(f"127.0.0.1:{settings.temporal_port}") >= {
         key.name for key in search_attributes.ALL
     }
+    # The server caches search attributes (stack.DEV_SERVER_DYNAMIC_CONFIG): up() returned only
+    # once the ones it registered are usable, so a start naming them is accepted at once.
+    _start_naming_every_search_attribute(f"127.0.0.1:{settings.temporal_port}")
 
     current = {s.name: s for s in stack.status(settings)}
     assert [s.state for s in current.values()] == ["running"] * 5
