@@ -959,8 +959,10 @@ def print_table(report: dict[str, Any]) -> None:
             )
             cells.append(f"{text:>{width}}")
         print(f"{label:<28}" + "".join(cells))
+    # Names longer than the column still get a space before their figure.
     for name, r in report["ratios"].items():
-        print(f"{name:<28}{_fmt(r['median'], 2)} [{_fmt(r['min'], 2)} .. {_fmt(r['max'], 2)}]")
+        label = f"{name} "
+        print(f"{label:<28}{_fmt(r['median'], 2)} [{_fmt(r['min'], 2)} .. {_fmt(r['max'], 2)}]")
     print(f"errors (all repetitions)    {report['errors']}")
 
 

@@ -86,7 +86,7 @@ DEV_SERVER_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
 # attributes reads them from the database again (measured: 18 cluster-metadata reads and 6
 # namespace reads per saga, bench/README.md). A production server caches them. The stack
 # registers its attributes when the server starts (--search-attribute), and waits for any it
-# registers later to be usable (TemporalProcess.ensure_search_attributes), so it keeps the cache.
+# registers later to be usable (_Temporal.ensure_search_attributes), so it keeps the cache.
 DEV_SERVER_DYNAMIC_CONFIG = ("system.forceSearchAttributesCacheRefreshOnRead=false",)
 
 

@@ -96,3 +96,26 @@ def test_batch_bench_runs_once(tmp_path: Path) -> None:
     # Each saga read its charge and refunded it, once.
     assert report["processor"]["by_kind"] == {"GET charges": 12, "POST refunds": 12}
     assert report["batch_per_s"] > 0
+
+
+@pytest.mark.devserver
+def test_steps_bench_runs_once(tmp_path: Path) -> None:
+    report = run_bench(
+        "bench.steps",
+        tmp_path / "steps.json",
+        *("--n", "2", "--rounds", "1", "--http-calls", "3", "--replays", "2"),
+    )
+    (round_,) = report["rounds"]
+    assert set(round_["steps_ms"]) == {
+        "prepare",
+        "refund",
+        "record",
+        "revoke",
+        "deentitle",
+        "verify",
+        "close",
+    }
+    # The activity bodies did real work: each step spent CPU in this process.
+    assert all(ms > 0 for ms in round_["steps_ms"].values()), round_["steps_ms"]
+    assert round_["http"]["httpx_us"] > 0 and round_["http"]["asyncio_stream_us"] > 0
+    assert round_["replay"]["saga_ms"] > 0 and round_["replay"]["baseline_ms"] > 0
