@@ -697,7 +697,7 @@ async def history_stats(client: Client, workflow_ids: Sequence[str], sample: int
 # -- starting each variant -------------------------------------------------------------------
 
 
-def _request(purchase: SeededPurchase) -> RefundRequest:
+def refund_request(purchase: SeededPurchase) -> RefundRequest:
     return RefundRequest(
         purchase_id=purchase.purchase_id, reason="bench: duplicate purchase", requested_by="sam"
     )
@@ -785,7 +785,9 @@ async def run_variant(
         pin_shape = variant == "saga"
 
         def saga(p: SeededPurchase) -> Callable[[], Awaitable[WorkflowHandle[Any, Any]]]:
-            return lambda: start_refund(client, saga_settings, _request(p), pin_shape=pin_shape)
+            return lambda: start_refund(
+                client, saga_settings, refund_request(p), pin_shape=pin_shape
+            )
 
         starts = [saga(p) for p in purchases[:n]]
         check = _saga_check

@@ -11,7 +11,7 @@
    (the SDK's `Replayer`, plain runner): the workflow's own Python per run, with the SDK's
    per-run cost in both.
 
-Each figure is this process's CPU (`getrusage`, all threads) per call, per round; the rounds
+Each figure is this process's CPU (`time.process_time`, all threads) per call, per round; the rounds
 show the noise. No figure is asserted anywhere: this prints and writes JSON.
 """
 
@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import statistics
 import sys
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -41,6 +41,7 @@ from bench.bench import (
     bench_stack,
     jsonable,
     load_1m,
+    refund_request,
     seed_standard,
 )
 from refundsaga.contracts import (
@@ -49,7 +50,6 @@ from refundsaga.contracts import (
     PrepareInput,
     ProcessorRefundInput,
     RecordRefundsInput,
-    RefundRequest,
     RevokeInput,
     SagaState,
     VerifyInput,
@@ -66,11 +66,6 @@ STEPS = ("prepare", "refund", "record", "revoke", "deentitle", "verify", "close"
 _T = TypeVar("_T")
 
 
-def cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def activity_bodies(
     settings: Settings, purchases: Sequence[SeededPurchase]
 ) -> dict[str, float]:
@@ -78,19 +73,17 @@ async def activity_bodies(
     spent: dict[str, float] = defaultdict(float)
 
     async def timed(step: str, call: Awaitable[_T]) -> _T:
-        started = cpu_s()
+        started = time.process_time()
         result = await call
-        spent[step] += cpu_s() - started
+        spent[step] += time.process_time() - started
         return result
 
     async with saga_activities(settings) as act:
         for purchase in purchases:
             wf = f"bench-steps-{purchase.purchase_id}"
-            request = RefundRequest(
-                purchase_id=purchase.purchase_id, reason="bench: steps", requested_by="sam"
-            )
             plan = await timed(
-                "prepare", act.prepare_refund(PrepareInput(request=request, workflow_id=wf))
+                "prepare",
+                act.prepare_refund(PrepareInput(request=refund_request(purchase), workflow_id=wf)),
             )
             refund = await timed(
                 "refund",
@@ -211,10 +204,10 @@ async def http_floor(settings: Settings, calls: int) -> dict[str, float]:
 async def _per_call_us(call: Callable[[], Awaitable[None]], calls: int) -> float:
     for _ in range(min(50, calls)):  # warm: connection, caches
         await call()
-    started = cpu_s()
+    started = time.process_time()
     for _ in range(calls):
         await call()
-    return (cpu_s() - started) / calls * 1e6
+    return (time.process_time() - started) / calls * 1e6
 
 
 async def record_histories(
@@ -222,10 +215,7 @@ async def record_histories(
 ) -> tuple[WorkflowHistory, WorkflowHistory]:
     """One standard saga and one baseline, run on the stack; their histories."""
     client = await connect(settings)
-    request = RefundRequest(
-        purchase_id=purchase.purchase_id, reason="bench: steps", requested_by="sam"
-    )
-    saga = await start_refund(client, settings, request)
+    saga = await start_refund(client, settings, refund_request(purchase))
     await saga.result()
     baseline = await client.start_workflow(
         BASELINE_WORKFLOW,
@@ -250,9 +240,9 @@ async def replay_ms(workflow: type, history: WorkflowHistory, runs: int) -> floa
         for i in range(runs):
             yield WorkflowHistory(f"{history.workflow_id}-{i}", history.events)
 
-    started = cpu_s()
+    started = time.process_time()
     results = await replayer.replay_workflows(histories(), raise_on_replay_failure=False)
-    spent = cpu_s() - started
+    spent = time.process_time() - started
     if results.replay_failures:
         raise RuntimeError(f"replay failed: {next(iter(results.replay_failures.values()))}")
     return spent / runs * 1000
