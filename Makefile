@@ -35,7 +35,7 @@ test: install
 # older versions' directories stay and keep replaying. A change of the workflow's commands gets
 # workflow.patched and a new directory.
 histories: install
-	rm -f tests/histories/v5-shape-at-start/*.json tests/histories-batch/v3-one-patch/*.json
+	rm -f tests/histories/v5-shape-at-start/*.json tests/histories-batch/v4-children-pinned/*.json
 	REFUND_RECORD_HISTORIES=1 $(VENV)/bin/pytest -q tests/test_saga.py
 	REFUND_RECORD_HISTORIES=1 $(VENV)/bin/pytest -q -m "not devserver" -k "not expires" tests/test_batch.py tests/test_restore.py
 	# On its own server: after the recordings of the tests before it, the time-skipping

@@ -63,9 +63,9 @@ from tests.fixtures.batch import (
     seed_buyers,
 )
 from tests.fixtures.stack import LiveStack
-from tests.fixtures.temporal import SagaWorld
-from workflows.batch_refund import BatchRefund
-from workflows.refund_saga import RefundSaga
+from tests.fixtures.temporal import SagaWorld, patch_trail
+from workflows.batch_refund import CHILDREN_PINNED, BatchRefund
+from workflows.refund_saga import CURRENT_SHAPE, SHAPE_MEMO, RefundSaga
 
 __all__ = ["batch_time_env", "batch_world", "isolated_batch_world"]  # fixtures used below
 
@@ -328,6 +328,14 @@ async def test_a_batch_refunds_every_buyer_with_one_approval(
         assert world.ams.entitlements(buyer.ams_member_id or "") == []
     untouched = world.store.load_purchase(refunded.purchase_id)
     assert untouched is not None and untouched.progress_count == 3  # skipped: nothing changed
+
+    # The children started with their shape in the memo, as `refund start`'s do: none asked
+    # the saga's patch; the batch asked its own once in each run that started a child.
+    for buyer in [outside, *rest]:
+        saga = world.client.get_workflow_handle(f"refund-{buyer.purchase_id}")
+        assert await patch_trail(saga) == ([], [])
+        assert await (await saga.describe()).memo() == {SHAPE_MEMO: CURRENT_SHAPE}
+    assert (await patch_trail(handle)) == ([CHILDREN_PINNED], [[CHILDREN_PINNED]])
 
     child = f"refund-{rest[0].purchase_id}"
     trail = world.store.audit_trail(workflow_id=child)

@@ -23,7 +23,7 @@ from refundsaga.contracts import (
 )
 from refundsaga.operations import start_refund
 from refundsaga.search_attributes import REFUND_AMOUNT_CENTS, REFUND_STATE, WAITING_FOR
-from tests.fixtures.temporal import SagaWorld
+from tests.fixtures.temporal import SagaWorld, patch_trail
 from workflows.refund_saga import CURRENT_SHAPE, RefundSaga
 
 
@@ -42,21 +42,6 @@ async def listed_states(handle: WorkflowHandle[Any, Any]) -> list[str]:
         if "RefundState" in fields.indexed_fields:
             states.append(json.loads(fields.indexed_fields["RefundState"].data))
     return states
-
-
-async def patch_trail(handle: WorkflowHandle[Any, Any]) -> tuple[list[str], list[list[str]]]:
-    """The patch ids of the saga's markers, and each `TemporalChangeVersion` it upserted."""
-    history = await handle.fetch_history()
-    patches: list[str] = []
-    versions: list[list[str]] = []
-    for event in history.events:
-        marker = event.marker_recorded_event_attributes
-        if marker.marker_name == "core_patch":
-            patches.append(json.loads(marker.details["patch-data"].payloads[0].data)["id"])
-        fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes
-        if "TemporalChangeVersion" in fields.indexed_fields:
-            versions.append(json.loads(fields.indexed_fields["TemporalChangeVersion"].data))
-    return patches, versions
 
 
 async def meaningful_events(handle: WorkflowHandle[Any, Any]) -> list[str]:

@@ -21,7 +21,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
-from workflows.refund_saga import RefundSaga
+from workflows.refund_saga import CURRENT_SHAPE, SHAPE_MEMO, RefundSaga
 from workflows.waiting import (
     approval_record,
     malformed,
@@ -93,6 +93,13 @@ MAX_HISTORY_EVENTS = 8_000
 # The query result stays small: counts are exact, these lists keep the latest.
 MAX_LISTED = 100
 MAX_TIMELINE = 60
+# Patch id: the sagas a batch starts get their shape in the start's memo (SHAPE_MEMO), as
+# `refund start`'s do, instead of each asking `workflow.patched` for it: one patch marker per
+# batch run instead of a marker and a `TemporalChangeVersion` upsert in every child (two
+# history events and a visibility write per saga, bench/README.md). Batch runs recorded
+# before this start their children without the memo, and those children ask as before.
+CHILDREN_PINNED = "children-start-with-their-shape"
+_CHILD_MEMO = {SHAPE_MEMO: CURRENT_SHAPE}
 
 
 def _error_text(err: BaseException) -> str:
@@ -391,6 +398,7 @@ class BatchRefund:
                 # whatever happens to the batch, and they outlive each run of it.
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 cancellation_type=workflow.ChildWorkflowCancellationType.ABANDON,
+                memo=_CHILD_MEMO if workflow.patched(CHILDREN_PINNED) else None,
                 static_summary=(
                     f"Batch {info.workflow_id}: refund purchase {item.purchase_id}, "
                     f"{format_money(item.amount_cents, item.currency)}"
