@@ -6,8 +6,9 @@ the batch as `refund batch` does, approves it as `refund approve` does, waits un
 has ended, and reports: purchases per second from the approval to the end, every purchase's
 end state (refunded once, no progress, no active entitlement), the processor's request log
 (calls per second, the most in any 1 s and 10 s, against REFUND_PROCESSOR_CALLS_PER_S), and
-the worker's and the dev server's CPU per purchase. No timing is asserted anywhere: this
-prints figures and writes `bench/results/batch.json`.
+the worker's and the dev server's CPU per purchase, and the history events of the sagas (a
+sample) and of the batch's runs per purchase. No timing is asserted anywhere: this prints
+figures and writes `bench/results/batch.json`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from temporalio.client import Client
 
 from bench.bench import (
     RESULTS,
     BenchStack,
     bench_stack,
     cpu_seconds,
+    history_stats,
     load_1m,
     wait_for_quiet,
     write_report,
@@ -49,6 +52,17 @@ def _processor_calls(bench: BenchStack) -> list[tuple[float, str]]:
         for r in log
         if not r["path"].startswith("/_sandbox")
     ]
+
+
+async def _events_of_every_run(client: Client, workflow_id: str, run_id: str | None) -> int:
+    """History events of a workflow's first run and of every run it continued as new into."""
+    events = 0
+    while run_id:
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        events += len(history.events)
+        last = history.events[-1].workflow_execution_continued_as_new_event_attributes
+        run_id = last.new_execution_run_id or None
+    return events
 
 
 async def run_batch(
@@ -110,6 +124,8 @@ async def run_batch(
     calls = _processor_calls(bench)
     times = [ts for ts, _ in calls]
     span = (max(times) - min(times)) if len(times) > 1 else 0.0
+    sagas = await history_stats(client, [ops.workflow_id_for(pid) for pid in purchase_ids], 50)
+    batch_events = await _events_of_every_run(client, handle.id, handle.result_run_id)
     ended = [store.load_purchase(pid) for pid in purchase_ids]
     wrong = [p for p in ended if p is None or p.status != "refunded" or p.progress_count]
     return {
@@ -134,6 +150,8 @@ async def run_batch(
         "window": window,
         "worker_cpu_s_per_purchase": cpu["worker"] / n,
         "server_cpu_s_per_purchase": cpu["server"] / n,
+        "saga_history": sagas,
+        "batch_events_per_purchase": batch_events / n,
         "errors": final.counts.failed + final.counts.needs_attention + len(wrong),
     }
 

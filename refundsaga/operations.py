@@ -94,20 +94,11 @@ async def start_refund(
     """Start a saga for the purchase, refused when one is already running for it.
 
     The saga's shape is pinned in the start's memo (SHAPE_MEMO); `pin_shape=False` leaves it to
-    the saga's patch, as a batch's sagas and older starters do (the bench compares the two).
+    the saga's patch, as older starters and batch runs do (the bench compares the two).
     """
     if request.batch_approval is not None:
         raise Refused("a batch approval is given by `refund batch`, not by a single start")
     workflow_id = workflow_id_for(request.purchase_id)
-    pairs: list[SearchAttributePair[Any]] = [
-        SearchAttributePair(sa.REFUND_STATE, SagaState.PREPARING.value),
-        SearchAttributePair(sa.WAITING_FOR, "none"),
-        SearchAttributePair(sa.PURCHASE_ID, str(request.purchase_id)),
-        SearchAttributePair(sa.REQUESTED_BY, request.requested_by),
-    ]
-    if request.amount_cents is not None:
-        pairs.append(SearchAttributePair(sa.REFUND_AMOUNT_CENTS, request.amount_cents))
-    attributes = TypedSearchAttributes(pairs)
     amount = (
         "the unrefunded rest" if request.amount_cents is None else f"{request.amount_cents} cents"
     )
@@ -119,7 +110,7 @@ async def start_refund(
             task_queue=settings.task_queue,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            search_attributes=attributes,
+            search_attributes=sa.at_start(request),
             # The saga's shape, decided here instead of by a patch marker (SHAPE_MEMO).
             memo={SHAPE_MEMO: CURRENT_SHAPE} if pin_shape else None,
             static_summary=f"Refund purchase {request.purchase_id}: {amount}",

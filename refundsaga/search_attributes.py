@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from temporalio.common import SearchAttributeKey
+from typing import Any
+
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+
+from refundsaga.contracts import RefundRequest, SagaState
 
 REFUND_STATE = SearchAttributeKey.for_keyword("RefundState")
 WAITING_FOR = SearchAttributeKey.for_keyword("WaitingFor")
@@ -11,6 +15,23 @@ REFUND_AMOUNT_CENTS = SearchAttributeKey.for_int("RefundAmountCents")
 REQUESTED_BY = SearchAttributeKey.for_keyword("RequestedBy")
 
 ALL = (REFUND_STATE, WAITING_FOR, PURCHASE_ID, REFUND_AMOUNT_CENTS, REQUESTED_BY)
+
+
+def at_start(request: RefundRequest) -> TypedSearchAttributes:
+    """What lists show of a saga from its start (`refund start`, and a batch's children).
+
+    A saga started with these does not upsert them itself (its first transition, PREPARING,
+    is already listed): one history event and one visibility write less.
+    """
+    pairs: list[SearchAttributePair[Any]] = [
+        SearchAttributePair(REFUND_STATE, SagaState.PREPARING.value),
+        SearchAttributePair(WAITING_FOR, "none"),
+        SearchAttributePair(PURCHASE_ID, str(request.purchase_id)),
+        SearchAttributePair(REQUESTED_BY, request.requested_by),
+    ]
+    if request.amount_cents is not None:
+        pairs.append(SearchAttributePair(REFUND_AMOUNT_CENTS, request.amount_cents))
+    return TypedSearchAttributes(pairs)
 
 
 def dev_server_flags() -> list[str]:

@@ -52,6 +52,7 @@ from refundsaga.contracts import (
 )
 from refundsaga.models import PurchaseSnapshot
 from refundsaga.processor import ProcessorCharge
+from refundsaga.search_attributes import PURCHASE_ID, REFUND_STATE
 from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
 from refundsaga.store.schema import Purchase, User
@@ -63,7 +64,7 @@ from tests.fixtures.batch import (
     seed_buyers,
 )
 from tests.fixtures.stack import LiveStack
-from tests.fixtures.temporal import SagaWorld, patch_trail
+from tests.fixtures.temporal import SagaWorld, listed_states, patch_trail
 from workflows.batch_refund import CHILDREN_PINNED, BatchRefund
 from workflows.refund_saga import CURRENT_SHAPE, SHAPE_MEMO, RefundSaga
 
@@ -329,12 +330,18 @@ async def test_a_batch_refunds_every_buyer_with_one_approval(
     untouched = world.store.load_purchase(refunded.purchase_id)
     assert untouched is not None and untouched.progress_count == 3  # skipped: nothing changed
 
-    # The children started with their shape in the memo, as `refund start`'s do: none asked
-    # the saga's patch; the batch asked its own once in each run that started a child.
+    # The children started as `refund start`'s do, with their shape in the memo and listed as
+    # PREPARING: none asked the saga's patch or upserted before its pivot. The batch asked its
+    # own patch once in each run that started a child.
     for buyer in [outside, *rest]:
         saga = world.client.get_workflow_handle(f"refund-{buyer.purchase_id}")
         assert await patch_trail(saga) == ([], [])
-        assert await (await saga.describe()).memo() == {SHAPE_MEMO: CURRENT_SHAPE}
+        assert await listed_states(saga) == ["REFUNDING", "COMPLETED"]
+        described = await saga.describe()
+        assert await described.memo() == {SHAPE_MEMO: CURRENT_SHAPE}
+        listed = described.typed_search_attributes
+        assert listed.get(REFUND_STATE) == "COMPLETED"
+        assert listed.get(PURCHASE_ID) == str(buyer.purchase_id)
     assert (await patch_trail(handle)) == ([CHILDREN_PINNED], [[CHILDREN_PINNED]])
 
     child = f"refund-{rest[0].purchase_id}"

@@ -5,7 +5,6 @@ money at the processor, rows in the store, entitlements in the AMS, the saga's s
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +22,7 @@ from refundsaga.contracts import (
 )
 from refundsaga.operations import start_refund
 from refundsaga.search_attributes import REFUND_AMOUNT_CENTS, REFUND_STATE, WAITING_FOR
-from tests.fixtures.temporal import SagaWorld, patch_trail
+from tests.fixtures.temporal import SagaWorld, listed_states, patch_trail
 from workflows.refund_saga import CURRENT_SHAPE, RefundSaga
 
 
@@ -31,17 +30,6 @@ def processor_refunds(world: SagaWorld, charge_id: str) -> tuple[int, int]:
     """(amount refunded, number of refunds) as the processor holds them."""
     charge = world.processor.get_charge(charge_id)
     return charge["amount_refunded"], len(charge["refunds"]["data"])
-
-
-async def listed_states(handle: WorkflowHandle[Any, Any]) -> list[str]:
-    """The RefundState values the saga upserted, in order: what list filters saw."""
-    history = await handle.fetch_history()
-    states = []
-    for event in history.events:
-        fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes
-        if "RefundState" in fields.indexed_fields:
-            states.append(json.loads(fields.indexed_fields["RefundState"].data))
-    return states
 
 
 async def meaningful_events(handle: WorkflowHandle[Any, Any]) -> list[str]:
@@ -488,7 +476,7 @@ async def test_lists_learn_the_pivot_and_the_end_of_a_saga_started_with_attribut
 async def test_a_saga_started_with_its_shape_pinned_asks_no_patch(world: SagaWorld) -> None:
     pinned_purchase, asking_purchase = world.seed("oasis_entitled"), world.seed("oasis_entitled")
     pinned = await world.start(pinned_purchase)  # as `refund start` does (SHAPE_MEMO)
-    asking = await world.start(asking_purchase, pin_shape=False)  # as a batch does
+    asking = await world.start(asking_purchase, pin_shape=False)  # as older starters did
     for handle, purchase in ((pinned, pinned_purchase), (asking, asking_purchase)):
         result = await handle.result()
         assert result.state == SagaState.COMPLETED
@@ -503,7 +491,7 @@ async def test_a_saga_started_with_its_shape_pinned_asks_no_patch(world: SagaWor
     expected.remove("EVENT_TYPE_MARKER_RECORDED")
     expected.remove("EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES")
     assert await meaningful_events(pinned) == expected
-    # Started without attributes (a batch's way), both upsert PREPARING themselves.
+    # Started without attributes (an older batch's way), both upsert PREPARING themselves.
     lists_saw = ["PREPARING", "REFUNDING", "COMPLETED"]
     assert await listed_states(pinned) == await listed_states(asking) == lists_saw
 

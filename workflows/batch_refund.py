@@ -69,6 +69,7 @@ with workflow.unsafe.imports_passed_through():
         REFUND_STATE,
         REQUESTED_BY,
         WAITING_FOR,
+        at_start,
     )
 
 # Planning reads every charge: minutes for a large batch. A worker that dies mid-planning is
@@ -93,13 +94,14 @@ MAX_HISTORY_EVENTS = 8_000
 # The query result stays small: counts are exact, these lists keep the latest.
 MAX_LISTED = 100
 MAX_TIMELINE = 60
-# Patch id: the sagas a batch starts get their shape in the start's memo (SHAPE_MEMO), as
-# `refund start`'s do, instead of each asking `workflow.patched` for it: one patch marker per
-# batch run instead of a marker and a `TemporalChangeVersion` upsert in every child (two
-# history events and a visibility write per saga, bench/README.md). Batch runs recorded
-# before this start their children without the memo, and those children ask as before.
+# Patch id: the sagas a batch starts get what `refund start` gives its sagas: their shape in
+# the start's memo (SHAPE_MEMO), so that none asks `workflow.patched` for it (a marker and a
+# `TemporalChangeVersion` upsert in every child), and their listed attributes at start
+# (search_attributes.at_start), so that none upserts PREPARING itself. One patch marker per
+# batch run instead of four history events and two visibility writes per saga
+# (bench/README.md). Batch runs recorded before this start their children bare, and those
+# children ask and upsert as before.
 CHILDREN_PINNED = "children-start-with-their-shape"
-_CHILD_MEMO = {SHAPE_MEMO: CURRENT_SHAPE}
 
 
 def _error_text(err: BaseException) -> str:
@@ -389,6 +391,7 @@ class BatchRefund:
                 max_amount_cents=item.amount_cents,
             ),
         )
+        pinned = workflow.patched(CHILDREN_PINNED)
         try:
             handle = await workflow.start_child_workflow(
                 RefundSaga.run,
@@ -398,7 +401,8 @@ class BatchRefund:
                 # whatever happens to the batch, and they outlive each run of it.
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 cancellation_type=workflow.ChildWorkflowCancellationType.ABANDON,
-                memo=_CHILD_MEMO if workflow.patched(CHILDREN_PINNED) else None,
+                memo={SHAPE_MEMO: CURRENT_SHAPE} if pinned else None,
+                search_attributes=at_start(request) if pinned else None,
                 static_summary=(
                     f"Batch {info.workflow_id}: refund purchase {item.purchase_id}, "
                     f"{format_money(item.amount_cents, item.currency)}"

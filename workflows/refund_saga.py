@@ -111,9 +111,9 @@ CURRENT_SHAPE = "local-store-steps-and-lists-at-rest"
 # `workflow.patched`: no marker and no `TemporalChangeVersion` upsert, two history events and a
 # visibility write (about 5 ms of Temporal server CPU, bench/README.md) less per saga. The memo
 # is in the start event, so a replay decides the same. `refund start` and starter.py set it
-# (refundsaga.operations.start_refund); a saga started without it (by a batch, or an older
-# starter) asks the patch as before. Shapes named here are honoured for as long as sagas
-# started with them may be running.
+# (refundsaga.operations.start_refund), and so do batches (CHILDREN_PINNED); a saga started
+# without it (by an older starter or batch run) asks the patch as before. Shapes named here
+# are honoured for as long as sagas started with them may be running.
 SHAPE_MEMO = "saga_shape"
 SHAPES_AT_START = frozenset({CURRENT_SHAPE})
 # With VISIBILITY_AT_REST, an upsert on entering or leaving these, at the pivot, and at the
@@ -207,7 +207,8 @@ class RefundSaga:
             self._visibility_at_rest = self._local_store_steps = True
         else:
             self._visibility_at_rest = workflow.patched(VISIBILITY_AT_REST)
-        # `refund start` and starter.py set the attributes at start; a batch does not.
+        # `refund start`, starter.py and batches set the attributes at start (older batch runs
+        # did not).
         started_as = workflow.info().typed_search_attributes.get(REFUND_STATE) or ""
         self._listed_state = SagaState(started_as) if started_as in SagaState.__members__ else None
         if request.batch_approval is not None and not self._from_batch():
