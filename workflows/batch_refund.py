@@ -98,7 +98,7 @@ MAX_TIMELINE = 60
 # the start's memo (SHAPE_MEMO), so that none asks `workflow.patched` for it (a marker and a
 # `TemporalChangeVersion` upsert in every child), and their listed attributes at start
 # (search_attributes.at_start), so that none upserts PREPARING itself. One patch marker per
-# batch run instead of four history events and two visibility writes per saga
+# batch run instead of three history events and two visibility writes per saga
 # (bench/README.md). Batch runs recorded before this start their children bare, and those
 # children ask and upsert as before.
 CHILDREN_PINNED = "children-start-with-their-shape"
