@@ -61,7 +61,7 @@ from refundsaga.processor import ProcessorClient, ProcessorError
 from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
 from workflows.batch_refund import BatchRefund
-from workflows.refund_saga import CURRENT_SHAPE, SHAPE_MEMO, RefundSaga
+from workflows.refund_saga import RefundSaga, shape_memo
 from workflows.restore_progress import PurgeExpiredSnapshots, RestoreProgress
 
 
@@ -112,7 +112,7 @@ async def start_refund(
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             search_attributes=sa.at_start(request),
             # The saga's shape, decided here instead of by a patch marker (SHAPE_MEMO).
-            memo={SHAPE_MEMO: CURRENT_SHAPE} if pin_shape else None,
+            memo=shape_memo() if pin_shape else None,
             static_summary=f"Refund purchase {request.purchase_id}: {amount}",
             static_details=(
                 f"Requested by **{request.requested_by}** for purchase "

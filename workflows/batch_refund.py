@@ -21,7 +21,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
-from workflows.refund_saga import CURRENT_SHAPE, SHAPE_MEMO, RefundSaga
+from workflows.refund_saga import RefundSaga, shape_memo
 from workflows.waiting import (
     approval_record,
     malformed,
@@ -401,7 +401,7 @@ class BatchRefund:
                 # whatever happens to the batch, and they outlive each run of it.
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 cancellation_type=workflow.ChildWorkflowCancellationType.ABANDON,
-                memo={SHAPE_MEMO: CURRENT_SHAPE} if pinned else None,
+                memo=shape_memo() if pinned else None,
                 search_attributes=at_start(request) if pinned else None,
                 static_summary=(
                     f"Batch {info.workflow_id}: refund purchase {item.purchase_id}, "

@@ -116,6 +116,13 @@ CURRENT_SHAPE = "local-store-steps-and-lists-at-rest"
 # are honoured for as long as sagas started with them may be running.
 SHAPE_MEMO = "saga_shape"
 SHAPES_AT_START = frozenset({CURRENT_SHAPE})
+
+
+def shape_memo() -> dict[str, str]:
+    """The start memo that pins a new saga to the current shape (SHAPE_MEMO)."""
+    return {SHAPE_MEMO: CURRENT_SHAPE}
+
+
 # With VISIBILITY_AT_REST, an upsert on entering or leaving these, at the pivot, and at the
 # end. The steps after the pivot (revoke, de-entitle, verify) show as REFUNDING in lists until
 # the end, and exactly in `refund status`, the status query and the current details.
