@@ -55,7 +55,10 @@ async def saga_activities(settings: Settings) -> AsyncIterator[RefundActivities]
         settings.resolved_database_url, pool_size=settings.database_pool_size
     )
     processor = ProcessorClient(
-        settings.processor_url, settings.processor_api_key, timeout_s=settings.processor_timeout_s
+        settings.processor_url,
+        settings.processor_api_key,
+        timeout_s=settings.processor_timeout_s,
+        api_version=settings.processor_api_version,
     )
     ams = HttpAmsClient(settings.ams_url, settings.ams_api_key, timeout_s=settings.ams_timeout_s)
     try:

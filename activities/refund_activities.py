@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 from temporalio import activity
@@ -20,6 +21,7 @@ from refundsaga.access import decide_access
 from refundsaga.ams import AmsClient, AmsError
 from refundsaga.approval import required_approvals
 from refundsaga.contracts import (
+    REFUND_REQUEST_METADATA,
     AmsAction,
     AmsRemovalInput,
     AmsRemovalResult,
@@ -40,10 +42,29 @@ from refundsaga.contracts import (
 )
 from refundsaga.models import AccessDecision, LedgerEntry, RecordRefundsResult, RevokeResult
 from refundsaga.notify import Notifier
-from refundsaga.processor import ChargeNotFound, ProcessorClient, ProcessorError, ProcessorRefund
-from refundsaga.store import OasisStore, PurchaseNotFound, StoreError
+from refundsaga.processor import (
+    ChargeNotFound,
+    ProcessorClient,
+    ProcessorError,
+    ProcessorRefund,
+    ProcessorRequestSpent,
+)
+from refundsaga.store import (
+    OasisStore,
+    PurchaseClaimed,
+    PurchaseNotFound,
+    RefundRefused,
+    StoreError,
+)
 
 INVALID_REQUEST = "InvalidRefundRequest"
+# ApplicationError types of the pivot that the saga branches on.
+REFUND_FAILED = "RefundFailed"
+REFUND_REQUIRES_ACTION = "RefundRequiresAction"
+REQUEST_SPENT = "ProcessorRequestSpent"
+# Refund statuses that hold (or may still move) the money: a refund of ours in one of them is
+# adopted instead of sending another. Failed and canceled refunds moved nothing.
+LIVE_STATUSES = frozenset({"succeeded", "pending", "requires_action"})
 
 
 def _invalid(message: str) -> ApplicationError:
@@ -56,14 +77,47 @@ def _translated() -> Iterator[None]:
     try:
         yield
     except (ProcessorError, AmsError) as err:
+        # A 429's Retry-After paces the next attempt instead of the activity's backoff.
+        after = getattr(err, "retry_after_s", None)
         raise ApplicationError(
-            err.message, type=type(err).__name__, non_retryable=not err.retryable
+            err.message,
+            type=type(err).__name__,
+            non_retryable=not err.retryable,
+            next_retry_delay=timedelta(seconds=after) if after and err.retryable else None,
         ) from err
-    except PurchaseNotFound as err:
-        raise ApplicationError(str(err), type="PurchaseNotFound", non_retryable=True) from err
+    except (PurchaseNotFound, PurchaseClaimed, RefundRefused) as err:
+        raise ApplicationError(str(err), type=type(err).__name__, non_retryable=True) from err
     except StoreError as err:
         # Store errors are refusals of inconsistent data, not outages: a person must look.
         raise ApplicationError(str(err), type="StoreRefused", non_retryable=True) from err
+
+
+def _spent(why: str) -> ApplicationError:
+    return ApplicationError(
+        f"the processor will answer this request the same way until its key expires: {why}",
+        type=REQUEST_SPENT,
+        non_retryable=True,
+    )
+
+
+def _outcome(refund: ProcessorRefund) -> ProcessorRefundResult:
+    """A succeeded or pending refund; any status that moved no money is a non-retryable error."""
+    if refund.status == "requires_action":
+        raise ApplicationError(
+            f"refund {refund.id} requires action at the processor before any money moves; "
+            "retry once it has settled there, or abort",
+            type=REFUND_REQUIRES_ACTION,
+            non_retryable=True,
+        )
+    if refund.status in ("failed", "canceled"):
+        raise ApplicationError(
+            f"refund {refund.id} {refund.status}"
+            + (f" ({refund.failure_reason})" if refund.failure_reason else "")
+            + ": no money moved; retry sends a new refund, abort ends the saga",
+            type=REFUND_FAILED,
+            non_retryable=True,
+        )
+    return _result(refund)
 
 
 def _result(refund: ProcessorRefund) -> ProcessorRefundResult:
@@ -144,6 +198,15 @@ class RefundActivities:
             else:
                 ams_action = "deactivate_purchase"
         moved = 0 if already else amount
+        if inp.request_id is not None:
+            with _translated():
+                await asyncio.to_thread(
+                    lambda: self._store.claim_purchase(
+                        purchase_id=purchase.purchase_id,
+                        request_id=inp.request_id or "",
+                        workflow_id=inp.workflow_id,
+                    )
+                )
         return RefundPlan(
             purchase_id=purchase.purchase_id,
             user_id=purchase.user_id,
@@ -169,22 +232,52 @@ class RefundActivities:
 
     @activity.defn
     async def refund_at_processor(self, inp: ProcessorRefundInput) -> ProcessorRefundResult:
-        """Step 3, the pivot: refund at the processor under the saga's idempotency key."""
+        """Step 3, the pivot: refund at the processor, exactly once for the saga's request.
+
+        A resend (any attempt after the first, or `look_first`) first asks the processor for the
+        charge's refunds and adopts the one carrying the request's identity: an idempotency key
+        alone is not enough, since the processor forgets keys after a day. Before sending, the
+        store must agree: the request holds the purchase's claim and the ledger has the amount.
+        """
+        spent: set[str] = set()
         with _translated():
-            refund = await self._processor.create_refund(
-                charge_id=inp.charge_id,
-                amount_cents=inp.amount_cents,
-                idempotency_key=inp.idempotency_key,
-                metadata={"workflow_id": inp.workflow_id, "purchase_id": str(inp.purchase_id)},
-                reason="requested_by_customer",
+            resend = activity.in_activity() and activity.info().attempt > 1
+            if inp.look_first or resend:
+                ours = [
+                    r
+                    for r in await self._processor.list_refunds(inp.charge_id)
+                    if r.metadata.get(REFUND_REQUEST_METADATA) == inp.request_id
+                ]
+                live = [r for r in ours if r.status in LIVE_STATUSES]
+                if live:
+                    activity.logger.info("adopting refund %s of this request", live[0].id)
+                    return _outcome(live[0])
+                spent = {r.id for r in ours}
+            await asyncio.to_thread(
+                lambda: self._store.check_refund(
+                    purchase_id=inp.purchase_id,
+                    request_id=inp.request_id,
+                    amount_cents=inp.amount_cents,
+                )
             )
-        if refund.status == "failed":
-            raise ApplicationError(
-                f"the processor failed refund {refund.id}: {refund.failure_reason}",
-                type="RefundFailed",
-                non_retryable=True,
-            )
-        return _result(refund)
+            try:
+                refund = await self._processor.create_refund(
+                    charge_id=inp.charge_id,
+                    amount_cents=inp.amount_cents,
+                    idempotency_key=inp.idempotency_key,
+                    metadata={
+                        REFUND_REQUEST_METADATA: inp.request_id,
+                        "workflow_id": inp.workflow_id,
+                        "purchase_id": str(inp.purchase_id),
+                    },
+                    reason="requested_by_customer",
+                )
+            except ProcessorRequestSpent as err:
+                raise _spent(f"{err.message} (HTTP {err.http_status})") from err
+        if refund.id in spent:
+            # The processor replayed its saved answer for a refund that has since failed.
+            raise _spent(f"the key's saved answer is refund {refund.id}, now {refund.status}")
+        return _outcome(refund)
 
     @activity.defn
     async def await_refund_settled(self, inp: SettleInput) -> ProcessorRefundResult:
@@ -193,13 +286,7 @@ class RefundActivities:
             refund = await self._processor.get_refund(inp.refund_id)
         if refund.status == "pending":
             raise ApplicationError(f"refund {refund.id} is still pending", type="RefundPending")
-        if refund.status != "succeeded":
-            raise ApplicationError(
-                f"refund {refund.id} ended {refund.status}: {refund.failure_reason}",
-                type="RefundFailed",
-                non_retryable=True,
-            )
-        return _result(refund)
+        return _outcome(refund)
 
     @activity.defn
     async def record_refunds(self, inp: RecordRefundsInput) -> RecordRefundsResult:
@@ -221,7 +308,9 @@ class RefundActivities:
                     processor_refund_id=r.id,
                     amount_cents=r.amount_cents,
                     currency=r.currency,
-                    source="external",
+                    source="processor"
+                    if inp.request_id and r.metadata.get(REFUND_REQUEST_METADATA) == inp.request_id
+                    else "external",
                     status="succeeded" if r.status == "succeeded" else "pending",
                 )
                 for r in refunds
@@ -316,6 +405,7 @@ class RefundActivities:
                     revoked=inp.revoked,
                     decisions=decisions,
                     detail=dict(inp.detail),
+                    request_id=inp.request_id,
                 )
             )
         if first or activity.info().attempt > 1:

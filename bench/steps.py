@@ -83,7 +83,11 @@ async def activity_bodies(
             wf = f"bench-steps-{purchase.purchase_id}"
             plan = await timed(
                 "prepare",
-                act.prepare_refund(PrepareInput(request=refund_request(purchase), workflow_id=wf)),
+                act.prepare_refund(
+                    PrepareInput(
+                        request=refund_request(purchase), workflow_id=wf, request_id=f"{wf}/1"
+                    )
+                ),
             )
             refund = await timed(
                 "refund",
@@ -94,7 +98,8 @@ async def activity_bodies(
                         charge_id=plan.charge_id,
                         amount_cents=plan.amount_cents,
                         currency=plan.currency,
-                        idempotency_key=f"{wf}/refund",
+                        idempotency_key=f"{wf}/1/refund",
+                        request_id=f"{wf}/1",
                     )
                 ),
             )

@@ -214,6 +214,12 @@ def describe_plan(plan: RefundPlan) -> str:
 class PrepareInput(Message):
     request: RefundRequest
     workflow_id: str
+    # The refund request's identity (see RefundSaga): prepare claims the purchase for it.
+    request_id: str | None = None
+
+
+REFUND_REQUEST_METADATA = "refund_request"
+"""The refund's metadata key holding the request identity, so a refund can be found again."""
 
 
 class ProcessorRefundInput(Message):
@@ -223,6 +229,9 @@ class ProcessorRefundInput(Message):
     amount_cents: int = Field(gt=0)
     currency: str
     idempotency_key: str
+    request_id: str
+    # Ask the processor for a refund of this request before sending one (any resend).
+    look_first: bool = False
 
 
 class ProcessorRefundResult(Message):
@@ -247,6 +256,8 @@ class ReconcileInput(Message):
     workflow_id: str
     purchase_id: int
     charge_id: str
+    # Refunds carrying this request identity are the saga's own, not external.
+    request_id: str | None = None
 
 
 class ReconcileResult(Message):
@@ -418,6 +429,8 @@ class SagaStatus(Message):
     state: SagaState
     purchase_id: int
     amount_cents: int | None
+    # The refund request's identity: fixed at the first start, kept across runs and resets.
+    request_id: str | None = None
     currency: str | None = None
     requested_by: str
     branch: Literal["refund", "already_refunded"] | None = None
@@ -452,6 +465,7 @@ class CloseInput(Message):
     purchase_id: int
     state: SagaState
     revoked: bool = False
+    request_id: str | None = None
     detail: dict[str, str | int | bool | None] = Field(default_factory=dict)
     approvals: list[ApprovalRecord] = Field(default_factory=list)
     resolutions: list[ResolutionRecord] = Field(default_factory=list)

@@ -455,7 +455,10 @@ async def dry_run_batch(
     with a client, purchases a saga is refunding now are shown as skipped.
     """
     async with ProcessorClient(
-        settings.processor_url, settings.processor_api_key, timeout_s=settings.processor_timeout_s
+        settings.processor_url,
+        settings.processor_api_key,
+        timeout_s=settings.processor_timeout_s,
+        api_version=settings.processor_api_version,
     ) as processor:
         try:
             plan = await plan_batch(

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 
 import httpx
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 
 from refundsaga.api_client import JsonApiClient, json_object, segment
 from refundsaga.models import Record
@@ -26,6 +26,9 @@ STRIPE_REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_cust
 """The only values Stripe accepts for a refund's `reason`; anything else is not sent."""
 
 LIST_PAGE_SIZE = 100
+STRIPE_API_VERSION = "2026-10-28.endive"
+"""The Stripe API version every request is pinned to (`Stripe-Version`), so response shapes do
+not follow the account's default; the version of the `stripe` package the contract tests run."""
 _PAYMENT_INTENT_PREFIX = "pi_"
 # Statuses where the processor is telling us to come back later, not that we are wrong:
 # 409 is Stripe's "same idempotency key still in flight", 429 its rate limit.
@@ -68,6 +71,7 @@ class ProcessorError(Exception):
         http_status: The HTTP status, or None when no response arrived.
         param: Stripe's `error.param`, the offending parameter, when given.
         request_id: The processor's `Request-Id` header, for support tickets.
+        retry_after_s: The processor's `Retry-After`, when it said when to come back.
         retryable: Whether retrying the same request (same idempotency key) may succeed.
     """
 
@@ -80,14 +84,16 @@ class ProcessorError(Exception):
         http_status: int | None = None,
         param: str | None = None,
         request_id: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         # Positional args so the exception pickles and crosses process boundaries intact.
-        super().__init__(message, code, http_status, param, request_id)
+        super().__init__(message, code, http_status, param, request_id, retry_after_s)
         self.message = message
         self.code = code
         self.http_status = http_status
         self.param = param
         self.request_id = request_id
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         details = [f"{name}={value}" for name, value in self._details() if value is not None]
@@ -127,6 +133,13 @@ class ProcessorUnavailable(ProcessorError):
     retryable: ClassVar[bool] = True
 
 
+class ProcessorRequestSpent(ProcessorError):
+    """The processor answered an error it saved under the idempotency key and said not to retry
+    (`Stripe-Should-Retry: false`, e.g. a saved 500): the same request gets the same answer until
+    the key expires. Whether money moved is unknown: list the charge's refunds, then send a new
+    request under a new key."""
+
+
 class ProcessorClient(JsonApiClient):
     """Client for Stripe's refunds API, or anything that speaks it (the processor sandbox).
 
@@ -141,6 +154,18 @@ class ProcessorClient(JsonApiClient):
 
     unavailable = ProcessorUnavailable
     logger = logger
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: SecretStr,
+        *,
+        timeout_s: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        api_version: str = STRIPE_API_VERSION,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout_s=timeout_s, transport=transport)
+        self._http.headers["Stripe-Version"] = api_version
 
     async def get_charge(self, charge_id: str) -> ProcessorCharge:
         """Fetch a charge; a `pi_...` id fetches the PaymentIntent's latest charge.
@@ -287,14 +312,19 @@ def _error_from(
         "http_status": status,
         "param": error.get("param") if isinstance(error.get("param"), str) else None,
         "request_id": response.headers.get("request-id"),
+        "retry_after_s": _retry_after(response),
     }
+    # Stripe says whether the same request may succeed; it overrides what the status suggests.
+    should_retry = response.headers.get("stripe-should-retry")
     error_class: type[ProcessorError]
     if status in (401, 403):
         error_class = ProcessorAuthError
-    elif (
-        status >= 500
-        or status in _TRANSIENT_STATUSES
-        or response.headers.get("stripe-should-retry") == "true"
+    elif should_retry == "false" and (
+        status >= 500 or response.headers.get("idempotent-replayed") == "true"
+    ):
+        error_class = ProcessorRequestSpent
+    elif should_retry != "false" and (
+        status >= 500 or status in _TRANSIENT_STATUSES or should_retry == "true"
     ):
         error_class = ProcessorUnavailable
     elif error_type == "idempotency_error":
@@ -308,6 +338,16 @@ def _error_from(
     else:
         error_class = ProcessorRejected
     return error_class(message, **kwargs)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """`Retry-After` in seconds when it is a number (Stripe sends seconds), else None."""
+    value = response.headers.get("retry-after")
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds <= 3600 else None
 
 
 def _charge(obj: Mapping[str, Any]) -> ProcessorCharge:

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from refundsaga.processor import STRIPE_API_VERSION
+
 # Sandbox keys: the embedded stack's processor and AMS sandboxes accept these. They are
 # development values for local sandboxes only, never a real processor's or AMS's key.
 SANDBOX_PROCESSOR_KEY = "sk_test_sandbox"
@@ -60,8 +62,14 @@ class Settings(BaseSettings):
     # Calls to the processor per second, for every saga and batch on the task queue together:
     # the activities that call it run on `<task_queue>-processor`, which the Temporal server
     # dispatches at this rate (a token bucket: bursts of up to one second's worth). 0: no limit.
-    # Stripe allows 100 operations a second in live mode; half leaves room for OASIS itself.
-    processor_calls_per_s: float = Field(default=50.0, ge=0)
+    # Stripe allows 25 operations a second in test mode and 100 in live mode (per account):
+    # the default stays under the test-mode limit with room for OASIS itself; live deployments
+    # may raise it to about 50. A 429 is still retried after the processor's Retry-After.
+    processor_calls_per_s: float = Field(default=20.0, ge=0)
+    # Stripe-Version sent with every request; pinned so response shapes stay what we parse.
+    processor_api_version: str = Field(
+        default=STRIPE_API_VERSION, pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(\.[a-z]+)?$"
+    )
 
     # AMS entitlement API
     ams_url: str = "http://127.0.0.1:8302"

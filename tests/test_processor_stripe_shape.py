@@ -16,6 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from refundsaga.processor import (
+    STRIPE_API_VERSION,
     AmountTooLarge,
     ChargeAlreadyRefunded,
     ChargeNotFound,
@@ -24,6 +25,7 @@ from refundsaga.processor import (
     ProcessorClient,
     ProcessorError,
     ProcessorRejected,
+    ProcessorRequestSpent,
     ProcessorUnavailable,
 )
 
@@ -351,3 +353,72 @@ def test_errors_survive_pickling() -> None:
         "amount",
     )
     assert str(copy) == str(error)
+
+
+async def test_every_request_pins_the_stripe_api_version() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=STRIPE_CHARGE)
+
+    async with _client(handler) as client:
+        await client.get_charge("ch_1NirD82eZvKYlo2CIvbtLWuY")
+    async with ProcessorClient(
+        "https://api.stripe.com",
+        SecretStr(SECRET),
+        transport=httpx.MockTransport(handler),
+        api_version="2024-06-20",
+    ) as pinned:
+        await pinned.get_charge("ch_1NirD82eZvKYlo2CIvbtLWuY")
+    assert [r.headers["stripe-version"] for r in seen] == [STRIPE_API_VERSION, "2024-06-20"]
+
+
+STRIPE_API_ERROR = {"error": {"type": "api_error", "message": "Something went wrong."}}
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        # Stripe saved a 500 under the key and says the same request will get it again.
+        (500, {"Stripe-Should-Retry": "false"}, ProcessorRequestSpent),
+        (
+            500,
+            {"Stripe-Should-Retry": "false", "Idempotent-Replayed": "true"},
+            ProcessorRequestSpent,
+        ),
+        (500, {}, ProcessorUnavailable),
+        (500, {"Stripe-Should-Retry": "true"}, ProcessorUnavailable),
+        # Should-Retry true turns a 4xx into a retry, false keeps a 409 from being retried.
+        (400, {"Stripe-Should-Retry": "true"}, ProcessorUnavailable),
+        (409, {"Stripe-Should-Retry": "false"}, ProcessorRejected),
+        (409, {}, ProcessorUnavailable),
+    ],
+)
+async def test_stripe_should_retry_is_honoured_both_ways(
+    status: int, headers: dict[str, str], expected: type[ProcessorError]
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json=STRIPE_API_ERROR, headers=headers)
+
+    async with _client(handler) as client:
+        with pytest.raises(ProcessorError) as caught:
+            await client.create_refund(
+                charge_id="ch_1", amount_cents=100, idempotency_key="refund-42/abc/refund"
+            )
+    assert type(caught.value) is expected
+    assert caught.value.retryable == (expected is ProcessorUnavailable)
+
+
+@pytest.mark.parametrize("code", ["rate_limit", "lock_timeout"])
+async def test_a_429_is_retryable_after_the_processors_retry_after(code: str) -> None:
+    body = {"error": {"type": "invalid_request_error", "code": code, "message": "Too many"}}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, json=body, headers={"Retry-After": "7"})
+
+    async with _client(handler) as client:
+        with pytest.raises(ProcessorUnavailable) as caught:
+            await client.get_charge("ch_1")
+    assert caught.value.retry_after_s == 7.0
+    assert caught.value.code == code

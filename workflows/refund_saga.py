@@ -76,9 +76,21 @@ T = TypeVar("T")
 INVALID_REQUEST = "InvalidRefundRequest"
 ALREADY_REFUNDED = "ChargeAlreadyRefunded"
 REFUND_FAILED = "RefundFailed"
+REFUND_REQUIRES_ACTION = "RefundRequiresAction"
+# The processor replays a final answer under the refund's key: send under a new one.
+REQUEST_SPENT = "ProcessorRequestSpent"
+PURCHASE_CLAIMED = "PurchaseClaimed"
+REFUND_REFUSED = "RefundRefused"
+# How many new keys the pivot takes by itself, each after looking for the refund, before a
+# person decides.
+MAX_NEW_KEYS = 3
 BUSINESS_ERRORS = [
     INVALID_REQUEST,
     ALREADY_REFUNDED,
+    REFUND_REQUIRES_ACTION,
+    REQUEST_SPENT,
+    PURCHASE_CLAIMED,
+    REFUND_REFUSED,
     "AmountTooLarge",
     "ChargeNotFound",
     "ProcessorRejected",
@@ -161,6 +173,15 @@ class CannotContinue(Exception):
     """A step failed in a way no retry fixes and the saga must end FAILED, nothing changed."""
 
 
+def refund_key(request_id: str, generation: int) -> str:
+    """The pivot's idempotency key: the request and the step, never the run or the attempt.
+
+    A new generation is taken only once the processor has proved the previous key's request
+    finished (it replays a saved final answer), and always after looking for the refund.
+    """
+    return f"{request_id}/refund" + (f"/{generation}" if generation else "")
+
+
 def _error_text(err: BaseException) -> str:
     """The innermost message of an activity failure: what a person needs to read."""
     cause: BaseException | None = err
@@ -184,8 +205,15 @@ class RefundSaga:
     def __init__(self, request: RefundRequest) -> None:
         self._request = request
         info = workflow.info()
+        # The refund request's identity for its whole life: the first run of this workflow id,
+        # which continue-as-new, retries and resets all keep; a new saga gets a new one.
+        self._request_id = f"{info.workflow_id}/{info.first_execution_run_id}"
+        # Set once the pivot has sent (or may have sent) the refund: any later call looks first.
+        self._refund_sent = False
+        self._attention_step: str | None = None
         self._status = SagaStatus(
             workflow_id=info.workflow_id,
+            request_id=self._request_id,
             state=SagaState.PREPARING,
             purchase_id=request.purchase_id,
             amount_cents=request.amount_cents,
@@ -242,6 +270,10 @@ class RefundSaga:
             raise
         try:
             return await self._after_pivot(plan)
+        except CannotContinue as err:
+            # Raised by the pivot before it sent anything: no money moved.
+            self._status.error = str(err)
+            return await self._end(SagaState.FAILED)
         except SagaAborted:
             return await self._end(SagaState.FAILED)
 
@@ -281,14 +313,23 @@ class RefundSaga:
             try:
                 return await workflow.execute_activity_method(
                     RefundActivities.prepare_refund,
-                    PrepareInput(request=self._request, workflow_id=info.workflow_id),
+                    PrepareInput(
+                        request=self._request,
+                        workflow_id=info.workflow_id,
+                        request_id=self._request_id,
+                    ),
                     task_queue=self._processor_queue(),
                     start_to_close_timeout=HTTP_TIMEOUT,
                     retry_policy=STEP_RETRY,
                     summary=f"prepare purchase {self._request.purchase_id}",
                 )
             except ActivityError as err:
-                if _error_type(err) in (INVALID_REQUEST, "ChargeNotFound", "PurchaseNotFound"):
+                if _error_type(err) in (
+                    INVALID_REQUEST,
+                    "ChargeNotFound",
+                    "PurchaseNotFound",
+                    PURCHASE_CLAIMED,
+                ):
                     raise CannotContinue(_error_text(err)) from err
                 raise
 
@@ -476,56 +517,12 @@ class RefundSaga:
         if plan.already_refunded:
             await self._reconcile(plan, "the processor already holds the refund")
             return
-        info = workflow.info()
-        request = ProcessorRefundInput(
-            workflow_id=info.workflow_id,
-            purchase_id=plan.purchase_id,
-            charge_id=plan.charge_id,
-            amount_cents=plan.amount_cents,
-            currency=plan.currency,
-            # One key per saga run and step: a retried activity or a restarted worker replays
-            # the same request, and a later saga for the same purchase gets a fresh one.
-            idempotency_key=f"{info.workflow_id}/{info.run_id}/refund",
-        )
-
-        async def refund() -> ProcessorRefundResult | None:
-            try:
-                return await workflow.execute_activity_method(
-                    RefundActivities.refund_at_processor,
-                    request,
-                    task_queue=self._processor_queue(),
-                    start_to_close_timeout=HTTP_TIMEOUT,
-                    retry_policy=STEP_RETRY,
-                    # Wait for the outcome even when cancelled: money may be moving.
-                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                    summary=f"refund {plan.amount_cents} {plan.currency} of {plan.charge_id}",
-                )
-            except ActivityError as err:
-                if _error_type(err) == ALREADY_REFUNDED:
-                    return None
-                raise
-
-        result = await self._attempt("refund", refund)
+        result = await self._pay(plan)
         if result is None:
             self._status.branch = "already_refunded"
             await self._reconcile(plan, "the processor said the charge was already refunded")
             return
-        if result.status == "pending":
-            self._mark("refund", f"refund {result.refund_id} pending at the processor")
-            pending = result
-
-            async def settle() -> ProcessorRefundResult:
-                return await workflow.execute_activity_method(
-                    RefundActivities.await_refund_settled,
-                    SettleInput(refund_id=pending.refund_id),
-                    task_queue=self._processor_queue(),
-                    start_to_close_timeout=HTTP_TIMEOUT,
-                    schedule_to_close_timeout=SETTLE_TIMEOUT,
-                    retry_policy=SETTLE_RETRY,
-                    summary=f"wait for refund {pending.refund_id} to settle",
-                )
-
-            result = await self._attempt("settle", settle)
+        info = workflow.info()
         self._status.refund.source = "processor"
         self._status.refund.amount_cents = result.amount_cents
         self._status.refund.processor_refund_ids = [result.refund_id]
@@ -551,6 +548,73 @@ class RefundSaga:
         )
         self._mark("record", "recorded in the OASIS ledger")
 
+    async def _pay(self, plan: RefundPlan) -> ProcessorRefundResult | None:
+        """The pivot: one refund for this request, whatever is retried, reset or resent.
+
+        Returns:
+            The settled refund, or None when the processor says the charge has nothing left.
+        """
+        info = workflow.info()
+        # A run after the first (a reset, a retried workflow) may repeat a refund an earlier
+        # run sent, and so may any call after the first: those look at the processor first.
+        look_first = self._refund_sent or info.run_id != info.first_execution_run_id
+        generation = 0
+        new_keys = 0
+        while True:
+            step = "refund"
+            request = ProcessorRefundInput(
+                workflow_id=info.workflow_id,
+                purchase_id=plan.purchase_id,
+                charge_id=plan.charge_id,
+                amount_cents=plan.amount_cents,
+                currency=plan.currency,
+                idempotency_key=refund_key(self._request_id, generation),
+                request_id=self._request_id,
+                look_first=look_first,
+            )
+            self._refund_sent = True
+            try:
+                result: ProcessorRefundResult = await workflow.execute_activity_method(
+                    RefundActivities.refund_at_processor,
+                    request,
+                    task_queue=self._processor_queue(),
+                    start_to_close_timeout=HTTP_TIMEOUT,
+                    retry_policy=STEP_RETRY,
+                    # Wait for the outcome even when cancelled: money may be moving.
+                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    summary=f"refund {plan.amount_cents} {plan.currency} of {plan.charge_id}",
+                )
+                if result.status == "pending":
+                    step = "settle"
+                    self._mark("refund", f"refund {result.refund_id} pending at the processor")
+                    result = await workflow.execute_activity_method(
+                        RefundActivities.await_refund_settled,
+                        SettleInput(refund_id=result.refund_id),
+                        task_queue=self._processor_queue(),
+                        start_to_close_timeout=HTTP_TIMEOUT,
+                        schedule_to_close_timeout=SETTLE_TIMEOUT,
+                        retry_policy=SETTLE_RETRY,
+                        summary=f"wait for refund {result.refund_id} to settle",
+                    )
+                return result
+            except ActivityError as err:
+                kind = _error_type(err)
+                if kind == ALREADY_REFUNDED:
+                    return None
+                if kind == REFUND_REFUSED:
+                    raise CannotContinue(_error_text(err)) from err
+                look_first = True
+                if kind == REQUEST_SPENT:
+                    generation += 1
+                    if new_keys < MAX_NEW_KEYS:
+                        new_keys += 1
+                        self._mark("refund", f"{_error_text(err)}; looking, then a new key")
+                        continue
+                resolution = await self._needs_attention(step, _error_text(err))
+                if resolution.action == "abort":
+                    raise SagaAborted from err
+                new_keys = 0
+
     async def _reconcile(self, plan: RefundPlan, why: str) -> None:
         """Branch 4b: move no money; record what the processor already refunded as external."""
         result = await self._attempt(
@@ -561,6 +625,7 @@ class RefundSaga:
                     workflow_id=workflow.info().workflow_id,
                     purchase_id=plan.purchase_id,
                     charge_id=plan.charge_id,
+                    request_id=self._request_id,
                 ),
                 task_queue=self._processor_queue(),
                 start_to_close_timeout=HTTP_TIMEOUT,
@@ -763,6 +828,7 @@ class RefundSaga:
             workflow_id=info.workflow_id,
             purchase_id=self._request.purchase_id,
             state=state,
+            request_id=self._request_id,
             revoked=bool(plan and plan.revoke_progress and state == SagaState.COMPLETED),
             detail={
                 "branch": self._status.branch,
@@ -852,6 +918,7 @@ class RefundSaga:
         resume_state = self._status.state
         resume_waiting = self._status.waiting_for
         self._status.error = f"{step}: {error}"
+        self._attention_step = step
         self._set_state(SagaState.NEEDS_ATTENTION, WaitingFor.OPS)
         self._mark(step, f"needs attention: {error}")
         await self._notify("needs_attention", f"step {step} failed: {error}")
@@ -883,12 +950,19 @@ class RefundSaga:
             )
         return resolution
 
-    def _resolution_refusal(self) -> str | None:
+    def _resolution_refusal(self, resolution: Resolution) -> str | None:
         if self._status.state not in (
             SagaState.NEEDS_ATTENTION,
             SagaState.AWAITING_AMS_CONFIRMATION,
         ):
             return f"the saga is {self._status.state.value}, not waiting for ops"
+        if (
+            resolution.action == "skip"
+            and self._status.state == SagaState.NEEDS_ATTENTION
+            and self._attention_step in ("refund", "settle")
+        ):
+            # Skipping the pivot would revoke access although no money has moved.
+            return "skip is refused at the refund: no money has moved; retry or abort"
         return None
 
     @workflow.signal
@@ -896,7 +970,7 @@ class RefundSaga:
         """Ops' decision for a saga in NEEDS_ATTENTION: retry, skip or abort the step."""
         if self._ignored_malformed("resolve", resolution, Resolution):
             return
-        reason = self._resolution_refusal()
+        reason = self._resolution_refusal(resolution)
         if reason:
             self._ignore("resolve", resolution.operator, reason)
         else:
@@ -910,7 +984,7 @@ class RefundSaga:
 
     @resolve_attention.validator
     def _validate_resolve(self, resolution: Resolution) -> None:
-        reason = malformed(resolution, Resolution) or self._resolution_refusal()
+        reason = malformed(resolution, Resolution) or self._resolution_refusal(resolution)
         if reason:
             raise ValueError(reason)
 

@@ -1,11 +1,20 @@
 """The OASIS store: SQLAlchemy models, migrations and the store the refund saga works through."""
 
-from refundsaga.store.store import (
-    AuditEvent,
+from refundsaga.store.errors import (
     DatabaseUnavailable,
-    OasisStore,
+    PurchaseClaimed,
     PurchaseNotFound,
+    RefundRefused,
     StoreError,
 )
+from refundsaga.store.store import AuditEvent, OasisStore
 
-__all__ = ["AuditEvent", "DatabaseUnavailable", "OasisStore", "PurchaseNotFound", "StoreError"]
+__all__ = [
+    "AuditEvent",
+    "DatabaseUnavailable",
+    "OasisStore",
+    "PurchaseClaimed",
+    "PurchaseNotFound",
+    "RefundRefused",
+    "StoreError",
+]

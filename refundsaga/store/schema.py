@@ -254,3 +254,18 @@ class AuditEventRow(Base):
     event: Mapped[str] = mapped_column(String(64))
     actor: Mapped[str] = mapped_column(String(128))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class RefundClaim(Base):
+    """The one refund request in flight for a purchase (migration 0003).
+
+    A saga claims its purchase before it asks for approval and releases it at its end, so a
+    second saga, however it was started, is refused before it can move money.
+    """
+
+    __tablename__ = "refund_claims"
+
+    purchase_id: Mapped[int] = mapped_column(ForeignKey("purchases.id"), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(255))
+    workflow_id: Mapped[str] = mapped_column(String(255))
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())

@@ -40,6 +40,11 @@ from refundsaga.models import (
     RecordRefundsResult,
     RevokeResult,
 )
+from refundsaga.store import claims
+from refundsaga.store.errors import (
+    PurchaseNotFound,
+    StoreError,
+)
 from refundsaga.store.schema import (
     AuditEventRow,
     CourseProgress,
@@ -169,26 +174,6 @@ _SET_REFUND_STATUS = (
 _DELETE_PROGRESS = delete(CourseProgress).where(
     CourseProgress.id.in_(bindparam("ids", expanding=True))
 )
-
-
-class StoreError(Exception):
-    """The store refuses a request that contradicts what it holds; retrying will not help."""
-
-
-class PurchaseNotFound(StoreError):
-    """No purchase has the given id."""
-
-    def __init__(self, purchase_id: int) -> None:
-        # The id alone in args keeps the exception picklable and comparable.
-        super().__init__(purchase_id)
-        self.purchase_id = purchase_id
-
-    def __str__(self) -> str:
-        return f"purchase {self.purchase_id} not found"
-
-
-class DatabaseUnavailable(StoreError):
-    """The database did not accept connections in time."""
 
 
 class AccessSubject(Record):
@@ -453,6 +438,40 @@ class OasisStore:
         if purchase is None:
             raise PurchaseNotFound(purchase_id)
         return purchase
+
+    def claim_purchase(self, *, purchase_id: int, request_id: str, workflow_id: str) -> str:
+        """Claim a purchase for one refund request (see ``claims.claim``).
+
+        Raises:
+            PurchaseNotFound: No such purchase.
+            PurchaseClaimed: Another saga holds it.
+        """
+        with self._write_rows() as db:
+            self._locked_purchase(db, purchase_id)
+            outcome = claims.claim(
+                db, purchase_id=purchase_id, request_id=request_id, workflow_id=workflow_id
+            )
+            if outcome == "taken_over":
+                self._audit(
+                    db,
+                    event="claim_taken_over",
+                    workflow_id=workflow_id,
+                    purchase_id=purchase_id,
+                    detail={"request_id": request_id},
+                )
+            return outcome
+
+    def check_refund(self, *, purchase_id: int, request_id: str, amount_cents: int) -> None:
+        """Refuse a refund its claim or the ledger does not allow (see ``claims.check_refund``).
+
+        Raises:
+            PurchaseNotFound: No such purchase.
+            RefundRefused: The request does not hold the claim or the ledger has less left.
+        """
+        with self._engine.begin() as db:
+            claims.check_refund(
+                db, purchase_id=purchase_id, request_id=request_id, amount_cents=amount_cents
+            )
 
     def record_refunds(
         self, purchase_id: int, entries: list[LedgerEntry], *, workflow_id: str | None
@@ -1268,9 +1287,11 @@ class OasisStore:
         revoked: bool,
         decisions: list[tuple[str, str, dict[str, Any]]],
         detail: dict[str, Any],
+        request_id: str | None = None,
     ) -> bool:
-        """A saga's last step, in one transaction: ``complete_refund`` when it COMPLETED, then
-        its decisions and its end into the trail. Each part is written once per workflow.
+        """A saga's last step, in one transaction: ``complete_refund`` when it COMPLETED, the
+        release of its claim on the purchase, then its decisions and its end into the trail.
+        Each part is written once per workflow.
 
         Args:
             workflow_id: The refund saga.
@@ -1280,6 +1301,7 @@ class OasisStore:
             decisions: ``(event, actor, detail)`` of each approval, rejection, confirmation
                 and ops resolution, in order.
             detail: Facts of the end; identifiers and money only.
+            request_id: The saga's refund request, whose claim on the purchase ends here.
 
         Returns:
             False when the end had been recorded already (a retried activity).
@@ -1299,6 +1321,8 @@ class OasisStore:
                 )
             else:
                 held = self._events_held(db, workflow_id=workflow_id, events=("saga_ended",))
+            if request_id is not None:
+                claims.release(db, purchase_id=purchase_id, request_id=request_id)
             if "saga_ended" in held:
                 return False
             self._audit_end(

@@ -1,0 +1,38 @@
+"""One refund request in flight per purchase: the refund_claims table.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-05
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+TIMESTAMP = sa.DateTime(timezone=True)
+
+
+def upgrade() -> None:
+    """Add the claims table, one row per purchase with a refund in flight."""
+    op.create_table(
+        "refund_claims",
+        sa.Column("purchase_id", sa.Integer(), nullable=False),
+        sa.Column("request_id", sa.String(255), nullable=False),
+        sa.Column("workflow_id", sa.String(255), nullable=False),
+        sa.Column("claimed_at", TIMESTAMP, server_default=sa.func.now(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["purchase_id"], ["purchases.id"], name="fk_refund_claims_purchase_id_purchases"
+        ),
+        sa.PrimaryKeyConstraint("purchase_id", name="pk_refund_claims"),
+    )
+
+
+def downgrade() -> None:
+    """Drop the claims table."""
+    op.drop_table("refund_claims")
