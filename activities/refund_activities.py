@@ -19,7 +19,7 @@ from temporalio.exceptions import ApplicationError
 
 from refundsaga.access import decide_access
 from refundsaga.ams import AmsClient, AmsError
-from refundsaga.approval import required_approvals
+from refundsaga.approval import required_approvals, start_refusal
 from refundsaga.contracts import (
     REFUND_REQUEST_METADATA,
     AmsAction,
@@ -54,6 +54,7 @@ from refundsaga.store import (
     PurchaseClaimed,
     PurchaseNotFound,
     RefundRefused,
+    RequestReplayed,
     StoreError,
 )
 
@@ -85,7 +86,7 @@ def _translated() -> Iterator[None]:
             non_retryable=not err.retryable,
             next_retry_delay=timedelta(seconds=after) if after and err.retryable else None,
         ) from err
-    except (PurchaseNotFound, PurchaseClaimed, RefundRefused) as err:
+    except (PurchaseNotFound, PurchaseClaimed, RefundRefused, RequestReplayed) as err:
         raise ApplicationError(str(err), type=type(err).__name__, non_retryable=True) from err
     except StoreError as err:
         # Store errors are refusals of inconsistent data, not outages: a person must look.
@@ -152,6 +153,12 @@ class RefundActivities:
     async def prepare_refund(self, inp: PrepareInput) -> RefundPlan:
         """Step 1: load the purchase, read the charge, validate the amount, plan every step."""
         req = inp.request
+        if req.batch_approval is None:
+            # The saga has refused a batch approval not given by its parent batch; a batch's
+            # children are vouched for by the batch's approval, every other start by its signer.
+            refusal = start_refusal(self._policy, workflow_id=inp.workflow_id, request=req)
+            if refusal:
+                raise _invalid(f"{refusal}; nothing changed")
         with _translated():
             purchase = await asyncio.to_thread(self._store.load_purchase, req.purchase_id)
             if purchase is None:
@@ -205,6 +212,7 @@ class RefundActivities:
                         purchase_id=purchase.purchase_id,
                         request_id=inp.request_id or "",
                         workflow_id=inp.workflow_id,
+                        nonce=req.nonce if req.signature else None,
                     )
                 )
         return RefundPlan(
@@ -226,7 +234,9 @@ class RefundActivities:
             progress_records=purchase.progress_count if revoke else 0,
             remove_entitlement=remove,
             ams_action=ams_action,
-            required_approvals=required_approvals(self._policy, moved),
+            required_approvals=required_approvals(
+                self._policy, moved, refunded_before_cents=purchase.refunded_cents
+            ),
             policy=self._policy,
         )
 

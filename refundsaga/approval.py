@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from refundsaga.contracts import ApprovalDecision, ApprovalPolicy, ApprovalRecord
+from refundsaga.contracts import (
+    AmsConfirmation,
+    ApprovalDecision,
+    ApprovalPolicy,
+    ApprovalRecord,
+    RefundRequest,
+    Resolution,
+)
 from refundsaga.settings import Settings
-from refundsaga.signing import SigningError, load_public_key, verify_decision
+from refundsaga.signing import (
+    SigningError,
+    load_public_key,
+    verify_decision,
+    verify_ops_decision,
+    verify_request,
+)
 
 
 def policy_from_settings(settings: Settings) -> ApprovalPolicy:
@@ -23,6 +36,7 @@ def policy_from_settings(settings: Settings) -> ApprovalPolicy:
             raise ValueError(f"REFUND_APPROVER_PUBLIC_KEYS: {name}: {err}") from err
     return ApprovalPolicy(
         approvers=list(settings.approvers),
+        operators=list(settings.operators),
         dual_approval_cents=settings.dual_approval_cents,
         auto_approve_below_cents=settings.auto_approve_below_cents,
         approval_timeout=settings.approval_timeout,
@@ -33,13 +47,68 @@ def policy_from_settings(settings: Settings) -> ApprovalPolicy:
     )
 
 
-def required_approvals(policy: ApprovalPolicy, amount_cents: int) -> int:
-    """0 when auto-approved, 2 at or above the dual-approval threshold, otherwise 1."""
-    if amount_cents < policy.auto_approve_below_cents:
+def required_approvals(
+    policy: ApprovalPolicy, amount_cents: int, *, refunded_before_cents: int = 0
+) -> int:
+    """0 when auto-approved, 2 at or above the dual-approval threshold, otherwise 1.
+
+    The thresholds apply to what the purchase will have had refunded in all, so splitting a
+    refund into parts does not dodge the second approver.
+    """
+    total = amount_cents + refunded_before_cents
+    if total < policy.auto_approve_below_cents:
         return 0
-    if amount_cents >= policy.dual_approval_cents:
+    if total >= policy.dual_approval_cents:
         return 2
     return 1
+
+
+def signing_on(policy: ApprovalPolicy) -> bool:
+    """Whether starts and human decisions must be signed (any public key configured)."""
+    return bool(policy.approver_public_keys)
+
+
+def start_refusal(
+    policy: ApprovalPolicy, *, workflow_id: str, request: RefundRequest
+) -> str | None:
+    """Why a refund request may not start, or None. With signing on, `requested_by` counts only
+    when the request is signed by that person's key for this saga."""
+    if not signing_on(policy):
+        return None
+    who = request.requested_by
+    key = policy.approver_public_keys.get(who)
+    if key is None:
+        return f"{who} has no public key configured (REFUND_APPROVER_PUBLIC_KEYS)"
+    if not request.signature:
+        return f"the request is not signed: {who} starts refunds with REFUND_SIGNING_KEY_FILE set"
+    if not verify_request(key, workflow_id, request):
+        return f"the request's signature is not {who}'s for {workflow_id}"
+    return None
+
+
+def ops_refusal(
+    policy: ApprovalPolicy,
+    decision: Resolution | AmsConfirmation,
+    *,
+    requested_by: str,
+    workflow_id: str,
+    run_id: str,
+) -> str | None:
+    """Why an operator's resolution or AMS confirmation must be refused, or None."""
+    operator = decision.operator
+    if policy.operators is not None and operator not in policy.operators:
+        return f"{operator} is not on the operator allowlist (REFUND_OPERATORS)"
+    if operator == requested_by:
+        return f"{operator} requested this refund and cannot decide on it (four-eyes rule)"
+    if signing_on(policy):
+        key = policy.approver_public_keys.get(operator)
+        if key is None:
+            return f"{operator} has no public key configured (REFUND_APPROVER_PUBLIC_KEYS)"
+        if not decision.signature:
+            return f"{operator}'s decision is not signed (set REFUND_SIGNING_KEY_FILE for the CLI)"
+        if not verify_ops_decision(key, workflow_id, decision, run_id=run_id):
+            return f"{operator}'s signature does not match this decision on this saga"
+    return None
 
 
 def refusal_reason(

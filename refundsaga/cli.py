@@ -28,6 +28,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+from temporalio.client import Client
 
 from refundsaga import operations as ops
 from refundsaga.contracts import (
@@ -56,6 +57,7 @@ from refundsaga.signing import (
     load_private_key,
     public_key_b64,
     sign_decision,
+    sign_ops_decision,
     write_private_key,
 )
 from refundsaga.temporal import TemporalUnavailable, connect, run_and_exit
@@ -306,6 +308,20 @@ def _signing_key(settings: Settings) -> Ed25519PrivateKey | None:
         return load_private_key(settings.signing_key_file)
     except SigningError as e:
         fail(f"REFUND_SIGNING_KEY_FILE: {e}")
+
+
+_OpsDecision = TypeVar("_OpsDecision", Resolution, AmsConfirmation)
+
+
+async def _signed_ops(
+    client: Client, key: Ed25519PrivateKey | None, workflow_id: str, decision: _OpsDecision
+) -> _OpsDecision:
+    """The operator's decision, signed for the saga's current run when a key is set."""
+    if key is None:
+        return decision
+    run_id = (await ops.describe(client, workflow_id)).run_id
+    signature = sign_ops_decision(key, workflow_id, decision, run_id=run_id)
+    return decision.model_copy(update={"signature": signature})
 
 
 def _decide(ref: str, approver: str, comment: str, approve: bool, as_json: bool) -> None:
@@ -704,9 +720,12 @@ def confirm_ams(
     )
     workflow_id = ops.resolve_workflow_id(saga)
     settings = load_settings()
+    key = _signing_key(settings)
 
     async def go() -> Any:
-        return await ops.confirm_ams(await connect(settings), workflow_id, confirmation)
+        client = await connect(settings)
+        signed = await _signed_ops(client, key, workflow_id, confirmation)
+        return await ops.confirm_ams(client, workflow_id, signed)
 
     receipt = run(go())
     if as_json:
@@ -736,9 +755,12 @@ def resolve(
     resolution: Resolution = build(Resolution, action=action.value, operator=operator, note=note)
     workflow_id = ops.resolve_workflow_id(saga)
     settings = load_settings()
+    key = _signing_key(settings)
 
     async def go() -> Any:
-        return await ops.resolve(await connect(settings), workflow_id, resolution)
+        client = await connect(settings)
+        signed = await _signed_ops(client, key, workflow_id, resolution)
+        return await ops.resolve(client, workflow_id, signed)
 
     receipt = run(go())
     if as_json:

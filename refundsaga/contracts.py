@@ -115,6 +115,10 @@ class RefundRequest(Message):
     remove_entitlement: bool | None = Field(default=None, description="None: yes for a full refund")
     # Set only by a BatchRefund for its children: the saga accepts it only from that parent.
     batch_approval: BatchApproval | None = None
+    # With signing on, the requester signs the request (refundsaga.signing.sign_request); the
+    # nonce makes each signed request usable by one saga only.
+    nonce: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    signature: str | None = Field(default=None, pattern=SIGNATURE_PATTERN)
 
     @field_validator("reason")
     @classmethod
@@ -135,9 +139,12 @@ class ApprovalPolicy(Message):
     reminder_every: timedelta
     ams_reminder_every: timedelta
     ams_escalate_after: timedelta
-    # Approver -> base64 Ed25519 public key; empty: decisions need no signature. The default
-    # keeps plans recorded before signed approvals decodable.
+    # Person -> base64 Ed25519 public key (requesters, approvers, operators); empty: signing is
+    # off. The default keeps plans recorded before signed approvals decodable.
     approver_public_keys: dict[str, str] = Field(default_factory=dict)
+    # Who may resolve NEEDS_ATTENTION and confirm a manual AMS removal; None in plans recorded
+    # before there was an operator allowlist.
+    operators: list[str] | None = None
 
 
 AmsAction = Literal["remove_via_api", "manual_task", "deactivate_purchase", "none"]
@@ -347,6 +354,8 @@ class AmsConfirmation(Message):
     operator: str = Field(pattern=ACTOR_PATTERN)
     ams_reference: str = Field(min_length=1, max_length=200)
     note: str = Field(default="", max_length=500)
+    # Required with signing on: the operator's signature over this saga run and confirmation.
+    signature: str | None = Field(default=None, pattern=SIGNATURE_PATTERN)
 
     @field_validator("ams_reference", "note")
     @classmethod
@@ -363,6 +372,8 @@ class Resolution(Message):
     action: ResolveAction
     operator: str = Field(pattern=ACTOR_PATTERN)
     note: str = Field(default="", max_length=500)
+    # Required with signing on: the operator's signature over this saga run and decision.
+    signature: str | None = Field(default=None, pattern=SIGNATURE_PATTERN)
 
     @field_validator("note")
     @classmethod

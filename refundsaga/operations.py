@@ -59,6 +59,7 @@ from refundsaga.contracts import (
 )
 from refundsaga.processor import ProcessorClient, ProcessorError
 from refundsaga.settings import Settings
+from refundsaga.signing import SigningError, load_private_key, sign_request
 from refundsaga.store import OasisStore
 from workflows.batch_refund import BatchRefund
 from workflows.refund_saga import RefundSaga, shape_memo
@@ -99,6 +100,13 @@ async def start_refund(
     if request.batch_approval is not None:
         raise Refused("a batch approval is given by `refund batch`, not by a single start")
     workflow_id = workflow_id_for(request.purchase_id)
+    if settings.signing_key_file is not None:
+        # With signing on, the saga believes `requested_by` only from this signature.
+        try:
+            key = load_private_key(settings.signing_key_file)
+        except SigningError as err:
+            raise Refused(f"REFUND_SIGNING_KEY_FILE: {err}") from err
+        request = sign_request(key, workflow_id, request)
     amount = (
         "the unrefunded rest" if request.amount_cents is None else f"{request.amount_cents} cents"
     )

@@ -78,6 +78,8 @@ class Settings(BaseSettings):
 
     # Approval policy
     approvers: Annotated[list[str], NoDecode] = Field(default=["alice", "bob", "carol"])
+    # Who may resolve a saga in NEEDS_ATTENTION and confirm a manual AMS removal.
+    operators: Annotated[list[str], NoDecode] = Field(default=["olivia", "oscar"])
     dual_approval_cents: int = Field(default=50_000, ge=0)
     auto_approve_below_cents: int = Field(default=0, ge=0)
     approval_timeout: timedelta = timedelta(hours=72)
@@ -95,8 +97,9 @@ class Settings(BaseSettings):
     notify_webhook_url: str | None = None
     notify_webhook_secret: SecretStr | None = None
 
-    # Attributable approvals: approver -> Ed25519 public key (base64 of the 32 raw bytes).
-    # When set, every decision must be signed; the CLI signs with `signing_key_file`.
+    # Attributable decisions: person -> Ed25519 public key (base64 of the 32 raw bytes), for
+    # requesters, approvers and operators alike. When set, signing is on: every start and every
+    # human decision must be signed by its person's key; the CLI signs with `signing_key_file`.
     approver_public_keys: dict[str, str] = Field(default_factory=dict)
     signing_key_file: Path | None = None
 
@@ -148,7 +151,7 @@ class Settings(BaseSettings):
     def _pollers(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("approvers", mode="before")
+    @field_validator("approvers", "operators", mode="before")
     @classmethod
     def _split_approvers(cls, value: object) -> object:
         if isinstance(value, str):

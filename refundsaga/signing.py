@@ -15,10 +15,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from refundsaga.contracts import ApprovalDecision
+from refundsaga.contracts import AmsConfirmation, ApprovalDecision, RefundRequest, Resolution
 
-# Domain separation: a signature over a decision is worthless as any other signed message.
+# Domain separation: a signature over one kind of message is worthless as any other.
 CONTEXT = "refundsaga/approval-decision/v1"
+REQUEST_CONTEXT = "refundsaga/refund-request/v1"
+OPS_CONTEXT = "refundsaga/ops-decision/v1"
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 
@@ -41,7 +43,95 @@ def canonical_message(workflow_id: str, run_id: str, decision: ApprovalDecision)
         "approve": decision.approve,
         "comment": decision.comment,
     }
+    return _canonical(body)
+
+
+def _canonical(body: dict[str, object]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def canonical_request(workflow_id: str, request: RefundRequest) -> bytes:
+    """The bytes a requester signs: the saga's workflow id and the whole request, nonce included.
+
+    The run id is not known before the start; the nonce, recorded by the store when the saga
+    claims its purchase, keeps a signed request from starting a second saga.
+    """
+    fields = request.model_dump(mode="json", exclude={"signature", "batch_approval"})
+    return _canonical({"context": REQUEST_CONTEXT, "workflow_id": workflow_id, **fields})
+
+
+def canonical_ops_decision(
+    workflow_id: str, run_id: str, decision: Resolution | AmsConfirmation
+) -> bytes:
+    """The bytes an operator signs: the saga run, the kind of decision and all of its content."""
+    kind = "resolve" if isinstance(decision, Resolution) else "confirm_ams"
+    fields = decision.model_dump(mode="json", exclude={"signature"})
+    return _canonical(
+        {"context": OPS_CONTEXT, "workflow_id": workflow_id, "run_id": run_id, "kind": kind}
+        | fields
+    )
+
+
+def sign_request(
+    private_key: Ed25519PrivateKey, workflow_id: str, request: RefundRequest
+) -> RefundRequest:
+    """The request with a fresh nonce and its requester's signature for this workflow id."""
+    unsigned = request.model_copy(update={"nonce": os.urandom(16).hex(), "signature": None})
+    return unsigned.model_copy(
+        update={"signature": _sign(private_key, canonical_request(workflow_id, unsigned))}
+    )
+
+
+def verify_request(public_key_b64: str, workflow_id: str, request: RefundRequest) -> bool:
+    """Whether the request is signed by this key for this workflow id (no I/O)."""
+    if request.nonce is None:
+        return False
+    return _verify(public_key_b64, request.signature, canonical_request(workflow_id, request))
+
+
+def sign_ops_decision(
+    private_key: Ed25519PrivateKey,
+    workflow_id: str,
+    decision: Resolution | AmsConfirmation,
+    *,
+    run_id: str,
+) -> str:
+    """The base64 signature of an operator's decision on one saga run."""
+    return _sign(private_key, canonical_ops_decision(workflow_id, run_id, decision))
+
+
+def verify_ops_decision(
+    public_key_b64: str,
+    workflow_id: str,
+    decision: Resolution | AmsConfirmation,
+    *,
+    run_id: str,
+) -> bool:
+    """Whether the operator's decision is signed by this key for this saga run (no I/O)."""
+    return _verify(
+        public_key_b64, decision.signature, canonical_ops_decision(workflow_id, run_id, decision)
+    )
+
+
+def _sign(private_key: Ed25519PrivateKey, message: bytes) -> str:
+    return base64.b64encode(private_key.sign(message)).decode("ascii")
+
+
+def _verify(public_key_b64: str, signature_b64: str | None, message: bytes) -> bool:
+    if not signature_b64:
+        return False
+    try:
+        public_key = load_public_key(public_key_b64)
+        signature = base64.b64decode(signature_b64, validate=True)
+    except (SigningError, binascii.Error, ValueError):
+        return False
+    if len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        public_key.verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def generate_private_key() -> Ed25519PrivateKey:
@@ -103,8 +193,7 @@ def sign_decision(
     private_key: Ed25519PrivateKey, workflow_id: str, decision: ApprovalDecision, *, run_id: str
 ) -> str:
     """The base64 signature of a decision on one saga run."""
-    message = canonical_message(workflow_id, run_id, decision)
-    return base64.b64encode(private_key.sign(message)).decode("ascii")
+    return _sign(private_key, canonical_message(workflow_id, run_id, decision))
 
 
 def verify_decision(
@@ -114,17 +203,6 @@ def verify_decision(
 
     Deterministic and without I/O, so the workflow can call it (it runs again on replay).
     """
-    if not decision.signature:
-        return False
-    try:
-        public_key = load_public_key(public_key_b64)
-        signature = base64.b64decode(decision.signature, validate=True)
-    except (SigningError, binascii.Error, ValueError):
-        return False
-    if len(signature) != SIGNATURE_BYTES:
-        return False
-    try:
-        public_key.verify(signature, canonical_message(workflow_id, run_id, decision))
-    except InvalidSignature:
-        return False
-    return True
+    return _verify(
+        public_key_b64, decision.signature, canonical_message(workflow_id, run_id, decision)
+    )

@@ -35,6 +35,7 @@ TABLES = {
     "progress_archive",
     "audit_events",
     "refund_claims",
+    "refund_request_nonces",
 }
 # Indexes the saga's queries depend on (unique constraints are indexes too).
 INDEXED = {

@@ -26,7 +26,7 @@ from workflows.waiting import (
 
 with workflow.unsafe.imports_passed_through():
     from activities.refund_activities import RefundActivities
-    from refundsaga.approval import refusal_reason
+    from refundsaga.approval import ops_refusal, refusal_reason
     from refundsaga.contracts import (
         BATCH_REPORT_SIGNAL,
         END_STATES,
@@ -90,6 +90,7 @@ BUSINESS_ERRORS = [
     REFUND_REQUIRES_ACTION,
     REQUEST_SPENT,
     PURCHASE_CLAIMED,
+    "RequestReplayed",
     REFUND_REFUSED,
     "AmountTooLarge",
     "ChargeNotFound",
@@ -329,6 +330,7 @@ class RefundSaga:
                     "ChargeNotFound",
                     "PurchaseNotFound",
                     PURCHASE_CLAIMED,
+                    "RequestReplayed",
                 ):
                     raise CannotContinue(_error_text(err)) from err
                 raise
@@ -753,17 +755,31 @@ class RefundSaga:
             confirmation.operator,
         )
 
-    def _confirmation_refusal(self) -> str | None:
+    def _confirmation_refusal(self, confirmation: AmsConfirmation) -> str | None:
         if self._status.state != SagaState.AWAITING_AMS_CONFIRMATION:
             return f"the saga is {self._status.state.value}, not waiting for an AMS confirmation"
-        return None
+        return self._operator_refusal(confirmation)
+
+    def _operator_refusal(self, decision: Resolution | AmsConfirmation) -> str | None:
+        """An ops decision counts only from an allowlisted operator (signed, with signing on).
+        Before the plan there is no policy yet, and nothing to move but the saga itself."""
+        if self._plan is None:
+            return None
+        info = workflow.info()
+        return ops_refusal(
+            self._plan.policy,
+            decision,
+            requested_by=self._request.requested_by,
+            workflow_id=info.workflow_id,
+            run_id=info.run_id,
+        )
 
     @workflow.signal
     def confirm_ams_removal(self, confirmation: AmsConfirmation) -> None:
         """Someone removed the entitlement in the AMS by hand."""
         if self._ignored_malformed("confirm_ams_removal", confirmation, AmsConfirmation):
             return
-        reason = self._confirmation_refusal()
+        reason = self._confirmation_refusal(confirmation)
         if reason:
             self._ignore("confirm_ams_removal", confirmation.operator, reason)
         else:
@@ -777,7 +793,9 @@ class RefundSaga:
 
     @confirm_ams.validator
     def _validate_confirm_ams(self, confirmation: AmsConfirmation) -> None:
-        reason = malformed(confirmation, AmsConfirmation) or self._confirmation_refusal()
+        reason = malformed(confirmation, AmsConfirmation) or self._confirmation_refusal(
+            confirmation
+        )
         if reason:
             raise ValueError(reason)
 
@@ -963,7 +981,7 @@ class RefundSaga:
         ):
             # Skipping the pivot would revoke access although no money has moved.
             return "skip is refused at the refund: no money has moved; retry or abort"
-        return None
+        return self._operator_refusal(resolution)
 
     @workflow.signal
     def resolve(self, resolution: Resolution) -> None:

@@ -5,6 +5,7 @@ from refundsaga.store.errors import (
     PurchaseClaimed,
     PurchaseNotFound,
     RefundRefused,
+    RequestReplayed,
     StoreError,
 )
 from refundsaga.store.store import AuditEvent, OasisStore
@@ -16,5 +17,6 @@ __all__ = [
     "PurchaseClaimed",
     "PurchaseNotFound",
     "RefundRefused",
+    "RequestReplayed",
     "StoreError",
 ]

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
-from refundsaga.store.errors import PurchaseClaimed, PurchaseNotFound, RefundRefused
-from refundsaga.store.schema import Purchase, RefundClaim
+from refundsaga.store.errors import (
+    PurchaseClaimed,
+    PurchaseNotFound,
+    RefundRefused,
+    RequestReplayed,
+)
+from refundsaga.store.schema import Purchase, RefundClaim, RefundRequestNonce
 
 _HOLDER = select(RefundClaim.request_id, RefundClaim.workflow_id).where(
     RefundClaim.purchase_id == bindparam("purchase_id")
 )
 _INSERT = insert(RefundClaim)
+_NONCE_USER = select(RefundRequestNonce.request_id).where(
+    RefundRequestNonce.nonce == bindparam("nonce")
+)
+_INSERT_NONCE = insert(RefundRequestNonce)
 _TAKE_OVER = (
     update(RefundClaim)
     .where(RefundClaim.purchase_id == bindparam("claimed_purchase"))
@@ -29,6 +38,22 @@ _REST = (
     .outerjoin(RefundClaim, RefundClaim.purchase_id == Purchase.id)
     .where(Purchase.id == bindparam("purchase_id"))
 )
+
+
+def use_nonce(db: Connection, *, nonce: str, request_id: str) -> None:
+    """Record that this request used a signed request's nonce; any other request is refused.
+
+    Raises:
+        RequestReplayed: Another saga used the nonce: the signed request is being replayed.
+    """
+    user = db.execute(_NONCE_USER, {"nonce": nonce}).scalar_one_or_none()
+    if user is None:
+        db.execute(_INSERT_NONCE, {"nonce": nonce, "request_id": request_id})
+    elif user != request_id:
+        raise RequestReplayed(
+            f"this signed request already started saga {user.split('/')[0]}; "
+            "a new refund needs a newly signed request"
+        )
 
 
 def claim(db: Connection, *, purchase_id: int, request_id: str, workflow_id: str) -> str:

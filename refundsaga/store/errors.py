@@ -40,3 +40,7 @@ class PurchaseClaimed(StoreError):
 
 class RefundRefused(StoreError):
     """The ledger or the claim forbids sending this refund to the processor."""
+
+
+class RequestReplayed(StoreError):
+    """A signed request's nonce was already used by another saga."""

@@ -269,3 +269,14 @@ class RefundClaim(Base):
     request_id: Mapped[str] = mapped_column(String(255))
     workflow_id: Mapped[str] = mapped_column(String(255))
     claimed_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+
+class RefundRequestNonce(Base):
+    """A signed request's nonce, once a saga has used it (migration 0003): one saga per
+    signed request, so a signature read from Temporal's history cannot start another."""
+
+    __tablename__ = "refund_request_nonces"
+
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(255))
+    used_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())

@@ -439,15 +439,21 @@ class OasisStore:
             raise PurchaseNotFound(purchase_id)
         return purchase
 
-    def claim_purchase(self, *, purchase_id: int, request_id: str, workflow_id: str) -> str:
-        """Claim a purchase for one refund request (see ``claims.claim``).
+    def claim_purchase(
+        self, *, purchase_id: int, request_id: str, workflow_id: str, nonce: str | None = None
+    ) -> str:
+        """Claim a purchase for one refund request (see ``claims.claim``), and record the nonce
+        of a signed request as used by it.
 
         Raises:
             PurchaseNotFound: No such purchase.
             PurchaseClaimed: Another saga holds it.
+            RequestReplayed: Another saga used the signed request's nonce.
         """
         with self._write_rows() as db:
             self._locked_purchase(db, purchase_id)
+            if nonce is not None:
+                claims.use_nonce(db, nonce=nonce, request_id=request_id)
             outcome = claims.claim(
                 db, purchase_id=purchase_id, request_id=request_id, workflow_id=workflow_id
             )

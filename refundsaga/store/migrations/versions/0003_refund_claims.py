@@ -1,4 +1,4 @@
-"""One refund request in flight per purchase: the refund_claims table.
+"""One refund request in flight per purchase, one saga per signed request: claims and nonces.
 
 Revision ID: 0003
 Revises: 0002
@@ -19,7 +19,7 @@ TIMESTAMP = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
-    """Add the claims table, one row per purchase with a refund in flight."""
+    """Add the claims (one row per purchase with a refund in flight) and the used nonces."""
     op.create_table(
         "refund_claims",
         sa.Column("purchase_id", sa.Integer(), nullable=False),
@@ -31,8 +31,16 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("purchase_id", name="pk_refund_claims"),
     )
+    op.create_table(
+        "refund_request_nonces",
+        sa.Column("nonce", sa.String(32), nullable=False),
+        sa.Column("request_id", sa.String(255), nullable=False),
+        sa.Column("used_at", TIMESTAMP, server_default=sa.func.now(), nullable=False),
+        sa.PrimaryKeyConstraint("nonce", name="pk_refund_request_nonces"),
+    )
 
 
 def downgrade() -> None:
-    """Drop the claims table."""
+    """Drop both tables."""
+    op.drop_table("refund_request_nonces")
     op.drop_table("refund_claims")
