@@ -39,14 +39,23 @@ from refundsaga import operations as ops
 from refundsaga.batch import max_in_window
 from refundsaga.contracts import ApprovalDecision, BatchRefundInput, BatchState
 from refundsaga.seed import seed_buyers
+from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
 from refundsaga.temporal import connect
 
 APPROVERS = ("bob", "carol")
 
 
+def _processor_auth(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.processor_api_key.get_secret_value()}"}
+
+
 def _processor_calls(bench: BenchStack) -> list[tuple[float, str]]:
-    log = httpx.get(f"{bench.settings.processor_url}/_sandbox/requests", timeout=60).json()
+    log = httpx.get(
+        f"{bench.settings.processor_url}/_sandbox/requests",
+        headers=_processor_auth(bench.settings),
+        timeout=60,
+    ).json()
     return [
         (r["ts"], f"{r['method']} {r['path'].split('/')[2]}")
         for r in log
@@ -99,7 +108,9 @@ async def run_batch(
     if status.state != BatchState.AWAITING_APPROVAL or status.summary is None:
         raise RuntimeError(f"batch {handle.id} is {status.state.value}, not awaiting approval")
     # Planning read every charge; from here on, the sagas' calls.
-    httpx.delete(f"{settings.processor_url}/_sandbox/requests", timeout=60).raise_for_status()
+    httpx.delete(
+        f"{settings.processor_url}/_sandbox/requests", headers=_processor_auth(settings), timeout=60
+    ).raise_for_status()
     cpu0 = {
         "worker": cpu_seconds(bench.pid("worker")),
         "server": cpu_seconds(bench.pid("temporal")),
@@ -197,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store,
                 processor_url=bench.settings.processor_url,
                 ams_url=bench.settings.ams_url,
+                processor_api_key=bench.settings.processor_api_key.get_secret_value(),
+                ams_api_key=bench.settings.ams_api_key.get_secret_value(),
                 count=args.n,
             )
             seed_s = time.perf_counter() - seeded

@@ -423,6 +423,8 @@ def seed_standard(settings: Settings, count: int) -> tuple[list[SeededPurchase],
                     http,
                     processor_url=settings.processor_url,
                     ams_url=settings.ams_url,
+                    processor_api_key=settings.processor_api_key.get_secret_value(),
+                    ams_api_key=settings.ams_api_key.get_secret_value(),
                     scenario="standard",
                 )
                 for _ in range(count)

@@ -870,6 +870,8 @@ def seed(
             store,
             processor_url=settings.processor_url,
             ams_url=settings.ams_url,
+            processor_api_key=settings.processor_api_key.get_secret_value(),
+            ams_api_key=settings.ams_api_key.get_secret_value(),
             scenarios=chosen,  # type: ignore[arg-type]
             count=count,
         )

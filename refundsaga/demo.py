@@ -51,7 +51,10 @@ async def refund_end_to_end(settings: Settings, purchase: SeededPurchase) -> int
         f"{settings.processor_url}/v1/charges/{purchase.charge_id}",
         headers={"Authorization": f"Bearer {settings.processor_api_key.get_secret_value()}"},
     ).json()
-    entitlements = httpx.get(f"{settings.ams_url}/_sandbox/members/{purchase.ams_member_id}").json()
+    entitlements = httpx.get(
+        f"{settings.ams_url}/_sandbox/members/{purchase.ams_member_id}",
+        headers={"Authorization": f"Bearer {settings.ams_api_key.get_secret_value()}"},
+    ).json()
     active = [e["product_code"] for e in entitlements["entitlements"] if e["status"] == "active"]
     store = OasisStore.from_url(settings.resolved_database_url)
     snapshot = store.load_purchase(purchase.purchase_id)
@@ -102,6 +105,8 @@ def main() -> int:
                 store,
                 processor_url=settings.processor_url,
                 ams_url=settings.ams_url,
+                processor_api_key=settings.processor_api_key.get_secret_value(),
+                ams_api_key=settings.ams_api_key.get_secret_value(),
                 scenarios=["standard"],
             )
         finally:

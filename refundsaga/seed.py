@@ -1,7 +1,8 @@
 """Demo data: purchases for each refund scenario, consistent in the store and both sandboxes.
 
 Talks to the sandboxes' `/_sandbox/` admin API, which exists only on the sandboxes: seeding
-is for laptops, tests and staging, never for a real processor or AMS.
+is for laptops, tests and staging, never for a real processor or AMS. The admin API takes the
+same bearer key as the sandbox's `/v1` API.
 """
 
 from __future__ import annotations
@@ -52,11 +53,15 @@ class SeedError(RuntimeError):
     """A sandbox refused or could not be reached while seeding."""
 
 
+def _auth(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
 def _admin(
-    client: httpx.Client, method: str, url: str, body: dict[str, object]
+    client: httpx.Client, method: str, url: str, body: dict[str, object], *, api_key: str
 ) -> dict[str, object]:
     try:
-        response = client.request(method, url, json=body)
+        response = client.request(method, url, json=body, headers=_auth(api_key))
     except httpx.HTTPError as err:
         raise SeedError(f"cannot reach the sandbox at {url}: {err}; is the stack up?") from err
     if response.status_code >= 400:
@@ -72,6 +77,8 @@ def seed_purchase(
     processor_url: str,
     ams_url: str,
     scenario: Scenario,
+    processor_api_key: str,
+    ams_api_key: str,
 ) -> SeededPurchase:
     """Create one purchase of a scenario in the processor sandbox, the AMS sandbox and the store."""
     code, title, source, price, progress = _PRODUCTS[scenario]
@@ -83,16 +90,24 @@ def seed_purchase(
         "POST",
         f"{processor_url}/_sandbox/charges",
         {"amount": price, "currency": "usd", "refund_behavior": behavior, "settle_after_polls": 2},
+        api_key=processor_api_key,
     )
     charge_id = str(charge["id"])
     if scenario == "already_refunded":
-        _admin(http, "POST", f"{processor_url}/_sandbox/charges/{charge_id}/refund_outside", {})
+        _admin(
+            http,
+            "POST",
+            f"{processor_url}/_sandbox/charges/{charge_id}/refund_outside",
+            {},
+            api_key=processor_api_key,
+        )
     if member_id:
         _admin(
             http,
             "POST",
             f"{ams_url}/_sandbox/entitlements",
             {"member_id": member_id, "product_code": code},
+            api_key=ams_api_key,
         )
     # Demo people only: synthetic names and example.org addresses.
     user_id = store.create_user(
@@ -126,13 +141,21 @@ def seed(
     processor_url: str,
     ams_url: str,
     scenarios: list[Scenario],
+    processor_api_key: str,
+    ams_api_key: str,
     count: int = 1,
 ) -> list[SeededPurchase]:
     """`count` purchases of each scenario."""
     with httpx.Client(timeout=10.0) as http:
         return [
             seed_purchase(
-                store, http, processor_url=processor_url, ams_url=ams_url, scenario=scenario
+                store,
+                http,
+                processor_url=processor_url,
+                ams_url=ams_url,
+                scenario=scenario,
+                processor_api_key=processor_api_key,
+                ams_api_key=ams_api_key,
             )
             for scenario in scenarios
             for _ in range(count)
@@ -157,6 +180,8 @@ def seed_buyers(
     processor_url: str,
     ams_url: str,
     count: int,
+    processor_api_key: str,
+    ams_api_key: str,
     source: EntitlementSource = "ams",
     price_cents: int = 9_995,
     progress: int = 3,
@@ -182,7 +207,9 @@ def seed_buyers(
         members: list[str | None] = []
         for n in range(count):
             response = client.post(
-                f"{processor_url}/_sandbox/charges", json={"amount": price_cents, "currency": "usd"}
+                f"{processor_url}/_sandbox/charges",
+                json={"amount": price_cents, "currency": "usd"},
+                headers=_auth(processor_api_key),
             )
             response.raise_for_status()
             charges.append(str(response.json()["id"]))
@@ -191,6 +218,7 @@ def seed_buyers(
                 client.post(
                     f"{ams_url}/_sandbox/entitlements",
                     json={"member_id": member, "product_code": code},
+                    headers=_auth(ams_api_key),
                 ).raise_for_status()
             members.append(member)
     finally:

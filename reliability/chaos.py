@@ -499,6 +499,15 @@ def plan_choices(n: int, rng: random.Random, reject_rate: float) -> list[_Choice
     return choices
 
 
+def sandbox_admin(settings: Settings, sandbox: str) -> tuple[str, dict[str, str]]:
+    """A sandbox's URL and the headers its admin API needs (its bearer key)."""
+    if sandbox == "processor":
+        url, key = settings.processor_url, settings.processor_api_key
+    else:
+        url, key = settings.ams_url, settings.ams_api_key
+    return url, {"Authorization": f"Bearer {key.get_secret_value()}"}
+
+
 def seed_all(settings: Settings, choices: Sequence[_Choice], say: Reporter) -> list[SagaPlan]:
     """Seed one purchase per planned saga in the store and both sandboxes."""
     plans: list[SagaPlan] = []
@@ -511,6 +520,8 @@ def seed_all(settings: Settings, choices: Sequence[_Choice], say: Reporter) -> l
                     http,
                     processor_url=settings.processor_url,
                     ams_url=settings.ams_url,
+                    processor_api_key=settings.processor_api_key.get_secret_value(),
+                    ams_api_key=settings.ams_api_key.get_secret_value(),
                     scenario=choice.scenario,
                 )
                 with store.engine.connect() as db:
@@ -949,8 +960,8 @@ class Harness:
         return name, {**PROFILES[name](self.rng), "seed": self.rng.randrange(2**31)}
 
     async def configure(self, sandbox: str, name: str, body: dict[str, Any]) -> None:
-        url = self.settings.processor_url if sandbox == "processor" else self.settings.ams_url
-        response = await self.http.post(f"{url}/_sandbox/faults", json=body)
+        url, headers = sandbox_admin(self.settings, sandbox)
+        response = await self.http.post(f"{url}/_sandbox/faults", json=body, headers=headers)
         response.raise_for_status()
         self.current[sandbox] = name
         self.record.profiles_applied += 1
@@ -1041,7 +1052,10 @@ def collect_facts(
                 ).scalar_one()
                 ams_state: str | None = None
                 if plan.ams_member_id:
-                    member = http.get(f"{settings.ams_url}/_sandbox/members/{plan.ams_member_id}")
+                    member = http.get(
+                        f"{settings.ams_url}/_sandbox/members/{plan.ams_member_id}",
+                        headers=sandbox_admin(settings, "ams")[1],
+                    )
                     member.raise_for_status()
                     for entitlement in member.json()["entitlements"]:
                         if entitlement["product_code"] == plan.ams_product_code:
@@ -1089,8 +1103,9 @@ def fault_counts(settings: Settings, windows: Sequence[ProfileWindow]) -> dict[s
     """Injected faults per sandbox and kind, from the sandboxes' request logs."""
     counts: dict[str, dict[str, Any]] = {}
     with httpx.Client(timeout=10.0, trust_env=False) as http:
-        for sandbox, url in (("processor", settings.processor_url), ("ams", settings.ams_url)):
-            response = http.get(f"{url}/_sandbox/requests")
+        for sandbox in ("processor", "ams"):
+            url, headers = sandbox_admin(settings, sandbox)
+            response = http.get(f"{url}/_sandbox/requests", headers=headers)
             response.raise_for_status()
             entries: list[dict[str, Any]] = response.json()
             kinds = Counter(e["fault"] for e in entries if e.get("fault"))

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandboxes.common import ApiError, JsonDict, Sandbox, now_iso, read_json, run_main
+from sandboxes.common import ApiError, JsonDict, Sandbox, read_json, run_main
 
 DEFAULT_PORT = 8302
 
@@ -70,14 +70,15 @@ class AmsSandbox:
 
     def _grant(self, member_id: str, product_code: str) -> None:
         member = self.members.setdefault(
-            member_id, {"member_id": member_id, "created_at": now_iso(), "entitlements": {}}
+            member_id,
+            {"member_id": member_id, "created_at": self.core.now_iso(), "entitlements": {}},
         )
         entitlement = member["entitlements"].get(product_code)
         if entitlement is None or entitlement["status"] != "active":
             member["entitlements"][product_code] = {
                 "product_code": product_code,
                 "status": "active",
-                "granted_at": now_iso(),
+                "granted_at": self.core.now_iso(),
                 "removed_at": None,
             }
 
@@ -122,7 +123,7 @@ class AmsSandbox:
                     param="product_code",
                 )
             entitlement["status"] = "removed"
-            entitlement["removed_at"] = now_iso()
+            entitlement["removed_at"] = self.core.now_iso()
             return 200, {
                 "member_id": member_id,
                 "product_code": product_code,
@@ -147,7 +148,8 @@ class AmsSandbox:
             raise ApiError(400, "entitlements must be a list of product codes")
         async with self.core.lock:
             self.members.setdefault(
-                member_id, {"member_id": member_id, "created_at": now_iso(), "entitlements": {}}
+                member_id,
+                {"member_id": member_id, "created_at": self.core.now_iso(), "entitlements": {}},
             )
             for code in codes:
                 self._grant(member_id, code)

@@ -1,26 +1,24 @@
-"""Shared sandbox plumbing: bearer auth, fault injection, request log, idempotency, JSON state."""
+"""Shared sandbox plumbing: bearer auth, faults, clock, request log, idempotency, JSON state."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextvars
-import hashlib
 import hmac
 import json
 import logging
+import math
 import os
-import random
+import re
 import secrets
 import string
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -31,18 +29,28 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sandboxes.faults import (
+    SAVED_KINDS,
+    FaultConfig,
+    FaultInjector,
+    FaultKind,
+    drop_connection,
+    install_drop_log_filter,
+    too_many_requests,
+    wait_for_disconnect,
+)
+from sandboxes.idempotency import MAX_KEY_LENGTH, IdempotencyRecords, fingerprint
+
 JsonDict = dict[str, Any]
-FaultKind = Literal["error", "timeout", "drop", "lost_response"]
 Handler = Callable[[], tuple[int, JsonDict]]
 
 REQUEST_LOG_SIZE = 10_000
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# Stripe's form: a release date, optionally followed by the release's name.
+API_VERSION_PATTERN = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(\.[a-z_]+)?$")
+# Set by `Sandbox.handle_api` in the ASGI scope for the route handlers.
+SCOPE_FAULT = "sandbox.fault"
+SCOPE_REQUEST_ID = "sandbox.request_id"
 _ID_ALPHABET = string.ascii_letters + string.digits
-_INCOMPLETE_RESPONSE_LOG = "ASGI callable returned without completing response."
-
-# Set in the task serving a deliberately dropped request, so the server's complaint about
-# the incomplete response (which is the whole point) does not flood the logs.
-_dropping: contextvars.ContextVar[bool] = contextvars.ContextVar("sandbox_dropping", default=False)
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +58,6 @@ logger = logging.getLogger(__name__)
 def new_id(prefix: str, length: int = 24) -> str:
     """An object id in Stripe's style: a type prefix and random letters and digits."""
     return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
-
-
-def now_iso() -> str:
-    """The current UTC time as ISO 8601 with a `Z` suffix, to the second."""
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def error_body(
@@ -94,126 +97,25 @@ class ApiError(Exception):
         return JSONResponse(self.body, status_code=self.status)
 
 
-@dataclass(frozen=True)
-class FaultConfig:
-    """What can go wrong on `/v1/*`, each rate a probability per request.
-
-    `error_rate`, `timeout_rate`, `drop_rate` and `lost_response_rate` share one draw per
-    request, so together they should not exceed 1. All but `lost_response` strike before
-    the handler runs and change nothing; `lost_response` runs the handler (state changes)
-    and then drops the connection, the case idempotency keys exist for.
-    """
-
-    error_rate: float = 0.0
-    timeout_rate: float = 0.0
-    drop_rate: float = 0.0
-    lost_response_rate: float = 0.0
-    latency_ms: int = 0
-    hang_ms: int = 30_000
-    seed: int | None = None
-    paths: tuple[str, ...] = ()
-
-    @classmethod
-    def from_json(cls, data: object) -> FaultConfig:
-        """Validate a `POST /_sandbox/faults` body.
-
-        Raises:
-            ValueError: On unknown keys or out-of-range values.
-        """
-        if not isinstance(data, dict):
-            raise ValueError("faults must be a JSON object")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown fault settings: {', '.join(unknown)}")
-        values: dict[str, Any] = {}
-        for name in ("error_rate", "timeout_rate", "drop_rate", "lost_response_rate"):
-            rate = data.get(name, 0.0)
-            if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
-                raise ValueError(f"{name} must be a number between 0 and 1")
-            values[name] = float(rate)
-        for name, default in (("latency_ms", 0), ("hang_ms", 30_000)):
-            ms = data.get(name, default)
-            if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
-                raise ValueError(f"{name} must be a non-negative integer")
-            values[name] = ms
-        seed = data.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError("seed must be an integer")
-        paths = data.get("paths") or []
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-            raise ValueError("paths must be a list of path prefixes")
-        return cls(**values, seed=seed, paths=tuple(paths))
-
-    def to_json(self) -> JsonDict:
-        """The settings as `GET /_sandbox/faults` shows them."""
-        return {
-            "error_rate": self.error_rate,
-            "timeout_rate": self.timeout_rate,
-            "drop_rate": self.drop_rate,
-            "lost_response_rate": self.lost_response_rate,
-            "latency_ms": self.latency_ms,
-            "hang_ms": self.hang_ms,
-            "seed": self.seed,
-            "paths": list(self.paths),
-        }
-
-    def applies_to(self, path: str) -> bool:
-        """Whether requests to `path` are subject to these faults."""
-        return not self.paths or any(path.startswith(prefix) for prefix in self.paths)
-
-
-class FaultInjector:
-    """Draws a fault (or none) for each request from a seeded generator.
-
-    One draw per matching request keeps the sequence of faults a pure function of the seed
-    and the order of requests, which is what makes fault tests repeatable.
-    """
-
-    def __init__(self) -> None:
-        self.config = FaultConfig()
-        self._rng = random.Random()
-
-    def configure(self, config: FaultConfig) -> None:
-        """Replace the settings and restart the random sequence from the seed."""
-        self.config = config
-        self._rng = random.Random(config.seed)
-
-    def draw(self, path: str) -> tuple[FaultKind | None, int]:
-        """The fault for one request to `path` and the HTTP status if it is an error."""
-        config = self.config
-        if not config.applies_to(path):
-            return None, 0
-        roll = self._rng.random()
-        threshold = 0.0
-        kinds: tuple[tuple[FaultKind, float], ...] = (
-            ("error", config.error_rate),
-            ("timeout", config.timeout_rate),
-            ("drop", config.drop_rate),
-            ("lost_response", config.lost_response_rate),
-        )
-        for kind, rate in kinds:
-            threshold += rate
-            if roll < threshold:
-                status = self._rng.choice((500, 503)) if kind == "error" else 0
-                return kind, status
-        return None, 0
-
-
 class RequestLog:
     """The last `REQUEST_LOG_SIZE` `/v1` requests, oldest first."""
 
     def __init__(self, size: int = REQUEST_LOG_SIZE) -> None:
         self._entries: deque[JsonDict] = deque(maxlen=size)
 
-    def start(self, scope: Scope) -> JsonDict:
-        """Record a request as it arrives; the caller fills in status and fault later."""
+    def start(self, scope: Scope, *, request_id: str) -> JsonDict:
+        """Record a request as it arrives; the caller fills in status and fault later.
+
+        `ts` is real time, not the sandbox clock: the log measures the client's pace.
+        """
         entry: JsonDict = {
             "ts": time.time(),
             "method": scope["method"],
             "path": scope["path"],
             "status": None,
             "idempotency_key": _header(scope, b"idempotency-key"),
+            "stripe_version": _header(scope, b"stripe-version"),
+            "request_id": request_id,
             "fault": None,
         }
         self._entries.append(entry)
@@ -265,10 +167,12 @@ class Sandbox:
 
     Attributes:
         name: Short service name, used in messages.
+        api_version: The `Stripe-Version` answered when a request names none; None for a
+            service that is not Stripe-shaped and ignores the header.
         state: The JSON-serialisable domain state; mutate it only while holding `lock`
             and call `save()` afterwards.
         lock: Serialises mutations so concurrent requests see consistent state.
-        faults: The fault injector for `/v1/*`.
+        faults: The fault injector and rate limiter for `/v1/*`.
         log: The `/v1` request log.
     """
 
@@ -279,38 +183,72 @@ class Sandbox:
         api_key: str,
         state_path: Path | None,
         initial_state: Callable[[], JsonDict],
+        api_version: str | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("the sandbox needs a non-empty API key")
         self.name = name
+        self.api_version = api_version
         self._api_key = api_key
         self._initial_state = initial_state
         self._file = StateFile(state_path) if state_path is not None else None
         self.lock = asyncio.Lock()
         self.faults = FaultInjector()
         self.log = RequestLog()
-        self.state = initial_state()
+        self.state = self._fresh_state()
         loaded = self._file.load() if self._file is not None else None
         if loaded is not None:
             self.state.update(loaded)
         self.state.setdefault("idempotency", {})
+        self.state.setdefault("clock", {"offset_s": 0.0})
 
     def __repr__(self) -> str:
         return f"Sandbox(name={self.name!r})"
+
+    def _fresh_state(self) -> JsonDict:
+        state = self._initial_state()
+        state.setdefault("idempotency", {})
+        state["clock"] = {"offset_s": 0.0}
+        return state
 
     def save(self) -> None:
         """Persist the state when the sandbox has a state file."""
         if self._file is not None:
             self._file.save(self.state)
 
+    # -- the sandbox clock: real time plus an offset tests move forward --------------------
+
+    def now(self) -> float:
+        """The sandbox clock as Unix seconds."""
+        offset: float = self.state["clock"]["offset_s"]
+        return time.time() + offset
+
+    def now_int(self) -> int:
+        """The sandbox clock in whole seconds, as Stripe's `created` fields are."""
+        return int(self.now())
+
+    def now_iso(self) -> str:
+        """The sandbox clock as ISO 8601 UTC with a `Z` suffix, to the second."""
+        moment = datetime.fromtimestamp(self.now(), UTC)
+        return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    def clock_view(self) -> JsonDict:
+        """The clock as `GET /_sandbox/clock` shows it."""
+        return {"now": self.now_int(), "offset_s": self.state["clock"]["offset_s"]}
+
+    # -- idempotency -----------------------------------------------------------------------
+
     async def run_idempotent(
         self, request: Request, params: Sequence[tuple[str, str]], handler: Handler
     ) -> Response:
         """Run a mutating handler under the lock, honouring an `Idempotency-Key` header.
 
-        Stripe's semantics: the first response for a key is saved (errors included) and
-        replayed for the same method, path and parameters; other parameters under the same
-        key get a 400 `idempotency_error`.
+        Stripe's semantics: once the endpoint starts executing, the first response for a key
+        is saved (errors included) and replayed for the same method, path and parameters;
+        other parameters under the same key get a 400 `idempotency_error`; a key at least
+        24 hours old by the sandbox clock is pruned and executes again. A drawn
+        `saved_error` fault saves a 500 instead of running the handler, and
+        `executed_saved_error` saves a 500 after running it.
 
         Args:
             request: The incoming request (its key header, method and path are used).
@@ -318,18 +256,22 @@ class Sandbox:
             handler: Computes `(status, body)`; may raise `ApiError`.
         """
         key = request.headers.get("idempotency-key")
-        if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
             return ApiError(
                 400,
-                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters long.",
+                f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters long.",
                 code="idempotency_key_invalid",
             ).response()
-        fingerprint = _fingerprint(request.method, request.url.path, params)
+        fault: FaultKind | None = request.scope.get(SCOPE_FAULT) if key is not None else None
+        request_id: str | None = request.scope.get(SCOPE_REQUEST_ID)
+        request_print = fingerprint(request.method, request.url.path, params)
         async with self.lock:
-            records: JsonDict = self.state["idempotency"]
+            now = self.now()
+            records = IdempotencyRecords(self.state["idempotency"])
+            records.prune(now)
             if key is not None:
-                saved = records.get(key)
-                if saved is not None and saved["fingerprint"] != fingerprint:
+                saved = records.get(key, now)
+                if saved is not None and saved["fingerprint"] != request_print:
                     return ApiError(
                         400,
                         "Keys for idempotent requests can only be used with the same parameters"
@@ -338,35 +280,64 @@ class Sandbox:
                         type_="idempotency_error",
                     ).response()
                 if saved is not None:
+                    replay_headers = {
+                        **saved.get("headers", {}),
+                        "Idempotent-Replayed": "true",
+                        "Idempotency-Key": key,
+                    }
+                    if saved.get("request_id"):
+                        replay_headers["Original-Request"] = saved["request_id"]
                     return JSONResponse(
-                        saved["body"],
-                        status_code=saved["status"],
-                        headers={"Idempotent-Replayed": "true", "Idempotency-Key": key},
+                        saved["body"], status_code=saved["status"], headers=replay_headers
                     )
-            try:
-                status, body = handler()
-            except ApiError as exc:
-                status, body = exc.status, exc.body
+            headers: dict[str, str] = {}
+            if fault == "saved_error":
+                status, body = 500, self._saved_error_body()
+            else:
+                try:
+                    status, body = handler()
+                except ApiError as exc:
+                    status, body = exc.status, exc.body
+                if fault == "executed_saved_error":
+                    status, body = 500, self._saved_error_body()
+            if fault in SAVED_KINDS:
+                # Retrying cannot help: every retry under this key replays the same 500.
+                headers["Stripe-Should-Retry"] = "false"
             if key is not None:
-                records[key] = {
-                    "fingerprint": fingerprint,
-                    "status": status,
-                    "body": body,
-                    "created": int(time.time()),
-                }
+                records.put(
+                    key,
+                    fingerprint=request_print,
+                    status=status,
+                    body=body,
+                    headers=headers,
+                    request_id=request_id,
+                    now=now,
+                )
             self.save()
-        headers = {"Idempotency-Key": key} if key is not None else None
+        if key is not None:
+            headers["Idempotency-Key"] = key
         return JSONResponse(body, status_code=status, headers=headers)
+
+    def _saved_error_body(self) -> JsonDict:
+        return error_body(
+            type_="api_error",
+            message=f"Sandbox fault: the {self.name} failed while executing this request"
+            " and saved the failure under its idempotency key.",
+        )
+
+    # -- the app and its admin endpoints ---------------------------------------------------
 
     def build_app(self, routes: Sequence[BaseRoute]) -> Starlette:
         """A Starlette app serving `routes` plus health, admin, auth and fault handling."""
-        _install_drop_log_filter()
+        install_drop_log_filter()
         admin = [
             Route("/healthz", _healthz, methods=["GET"]),
             Route("/_sandbox/faults", self._get_faults, methods=["GET"]),
             Route("/_sandbox/faults", self._set_faults, methods=["POST"]),
             Route("/_sandbox/requests", self._get_requests, methods=["GET"]),
             Route("/_sandbox/requests", self._clear_requests, methods=["DELETE"]),
+            Route("/_sandbox/clock", self._get_clock, methods=["GET"]),
+            Route("/_sandbox/clock", self._advance_clock, methods=["POST"]),
             Route("/_sandbox/reset", self._reset, methods=["POST"]),
         ]
         return Starlette(
@@ -395,69 +366,122 @@ class Sandbox:
         self.log.clear()
         return JSONResponse({"ok": True})
 
+    async def _get_clock(self, request: Request) -> Response:
+        return JSONResponse(self.clock_view())
+
+    async def _advance_clock(self, request: Request) -> Response:
+        data = await read_json(request)
+        advance = data.get("advance_s")
+        if (
+            isinstance(advance, bool)
+            or not isinstance(advance, int | float)
+            or not math.isfinite(advance)
+            or advance < 0
+        ):
+            raise ApiError(400, "advance_s must be a non-negative number", code="parameter_invalid")
+        async with self.lock:
+            self.state["clock"]["offset_s"] += float(advance)
+            self.save()
+            return JSONResponse(self.clock_view())
+
     async def _reset(self, request: Request) -> Response:
         async with self.lock:
-            self.state = self._initial_state()
-            self.state.setdefault("idempotency", {})
+            self.state = self._fresh_state()
             self.save()
         self.faults.configure(FaultConfig())
         self.log.clear()
         return JSONResponse({"ok": True})
 
-    def _authorized(self, scope: Scope) -> str | None:
-        """None when the bearer key matches, else the error code to answer with."""
+    # -- request handling ------------------------------------------------------------------
+
+    def unauthorized(self, scope: Scope) -> Response | None:
+        """None when the bearer key matches, else the 401 to answer with."""
         header = _header(scope, b"authorization")
-        if not header:
-            return "api_key_missing"
         expected = f"Bearer {self._api_key}".encode()
-        if not hmac.compare_digest(header.encode(), expected):
-            return "api_key_invalid"
-        return None
+        if header and hmac.compare_digest(header.encode(), expected):
+            return None
+        if not header:
+            code = "api_key_missing"
+            message = (
+                "You did not provide an API key. Provide it in the Authorization header,"
+                " using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY')."
+            )
+        else:
+            code, message = "api_key_invalid", "Invalid API Key provided."
+        return JSONResponse(
+            error_body(type_="invalid_request_error", code=code, message=message),
+            status_code=401,
+            headers={"WWW-Authenticate": f'Bearer realm="{self.name}"'},
+        )
 
     async def handle_api(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
-        """Serve one `/v1` request: log it, inject its fault, check auth, then run `app`."""
-        entry = self.log.start(scope)
-        kind, error_status = self.faults.draw(scope["path"])
+        """Serve one `/v1` request: log it, limit it, inject its fault, check auth and
+        version, then run `app`. Every answer carries `Request-Id` (and `Stripe-Version`)."""
+        request_id = new_id("req_", 14)
+        entry = self.log.start(scope, request_id=request_id)
+        version = entry["stripe_version"]
+        version_ok = version is None or API_VERSION_PATTERN.match(version) is not None
+        extra = [(b"request-id", request_id.encode())]
+        if self.api_version is not None:
+            answered = version if version is not None and version_ok else self.api_version
+            extra.append((b"stripe-version", answered.encode("latin-1")))
+        send = _adding_headers(send, extra)
+
+        async def answer(response: Response) -> None:
+            entry["status"] = response.status_code
+            await response(scope, receive, send)
+
         config = self.faults.config
+        if not self.faults.limiter.admit():
+            entry["fault"] = "rate_limiter"
+            await answer(too_many_requests("rate_limit", config.retry_after_s))
+            return
+        kind, error_status = self.faults.draw(scope["path"])
         if config.latency_ms and config.applies_to(scope["path"]):
             await asyncio.sleep(config.latency_ms / 1000)
+        if kind in SAVED_KINDS and not (
+            scope["method"] == "POST" and _header(scope, b"idempotency-key")
+        ):
+            kind = None  # nothing to save the failure under
         entry["fault"] = kind
 
         if kind == "error":
-            entry["status"] = error_status
             body = error_body(
                 type_="api_error",
                 message=f"Sandbox fault: the {self.name} had an internal error. Please retry.",
             )
-            await JSONResponse(body, status_code=error_status)(scope, receive, send)
+            headers = {"Stripe-Should-Retry": "true"}
+            await answer(JSONResponse(body, status_code=error_status, headers=headers))
+            return
+        if kind == "rate_limit" or kind == "lock_timeout":
+            await answer(too_many_requests(kind, config.retry_after_s))
             return
         if kind == "timeout":
-            if await _wait_for_disconnect(receive, config.hang_ms / 1000):
+            if await wait_for_disconnect(receive, config.hang_ms / 1000):
                 return
-            entry["status"] = 504
             body = error_body(type_="api_error", message=f"Sandbox fault: {self.name} timed out.")
-            await JSONResponse(body, status_code=504)(scope, receive, send)
+            await answer(JSONResponse(body, status_code=504))
             return
         if kind == "drop":
-            await _drop_connection(send)
+            await drop_connection(send)
             return
 
-        problem = self._authorized(scope)
-        if problem is not None:
-            entry["status"] = 401
-            message = (
-                "You did not provide an API key. Provide it in the Authorization header,"
-                " using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY')."
-                if problem == "api_key_missing"
-                else "Invalid API Key provided."
-            )
-            response = JSONResponse(
-                error_body(type_="invalid_request_error", code=problem, message=message),
-                status_code=401,
-                headers={"WWW-Authenticate": f'Bearer realm="{self.name}"'},
-            )
-            await response(scope, receive, send)
+        refusal = self.unauthorized(scope)
+        if refusal is not None:
+            await answer(refusal)
             return
+        if self.api_version is not None and not version_ok:
+            error = ApiError(
+                400,
+                f"Invalid Stripe API version: {version}",
+                code="api_version_invalid",
+                param="Stripe-Version",
+            )
+            await answer(error.response())
+            return
+
+        scope[SCOPE_FAULT] = kind
+        scope[SCOPE_REQUEST_ID] = request_id
 
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -467,66 +491,41 @@ class Sandbox:
 
         await app(scope, receive, recording_send)
         if kind == "lost_response":
-            await _drop_connection(send)
+            await drop_connection(send)
+
+
+def _adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *headers]}
+        await send(message)
+
+    return sending
 
 
 class _SandboxMiddleware:
-    """Routes `/v1` traffic through `Sandbox.handle_api`; everything else passes through."""
+    """Routes `/v1` traffic through `Sandbox.handle_api` and keeps `/_sandbox` behind the key.
+
+    The admin API moves money and time in the sandbox, so it takes the same bearer key as
+    `/v1`; only `/healthz` is open.
+    """
 
     def __init__(self, app: ASGIApp, sandbox: Sandbox) -> None:
         self.app = app
         self.sandbox = sandbox
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (scope["path"] + "/").startswith("/v1/"):
-            await self.sandbox.handle_api(scope, receive, send, self.app)
-        else:
-            await self.app(scope, receive, send)
-
-
-class _DropLogFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (_dropping.get() and record.msg == _INCOMPLETE_RESPONSE_LOG)
-
-
-def _install_drop_log_filter() -> None:
-    server_logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _DropLogFilter) for f in server_logger.filters):
-        server_logger.addFilter(_DropLogFilter())
-
-
-async def _drop_connection(send: Send) -> None:
-    """Promise a body, send part of it, and give up: the server then closes the socket.
-
-    The client sees a connection closed mid-response (httpx: `RemoteProtocolError`), not
-    an HTTP error status.
-    """
-    _dropping.set(True)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b'{"id": "', "more_body": True})
-
-
-async def _wait_for_disconnect(receive: Receive, seconds: float) -> bool:
-    """Wait up to `seconds`; True as soon as the client goes away.
-
-    Returning early on disconnect keeps a hung request from holding up server shutdown.
-    """
-
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    try:
-        await asyncio.wait_for(disconnected(), timeout=seconds)
-    except TimeoutError:
-        return False
-    return True
+        if scope["type"] == "http":
+            path = scope["path"] + "/"
+            if path.startswith("/v1/"):
+                await self.sandbox.handle_api(scope, receive, send, self.app)
+                return
+            if path.startswith("/_sandbox/"):
+                refusal = self.sandbox.unauthorized(scope)
+                if refusal is not None:
+                    await refusal(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -534,11 +533,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return str(value.decode("latin-1"))
     return None
-
-
-def _fingerprint(method: str, path: str, params: Sequence[tuple[str, str]]) -> str:
-    canonical = json.dumps([method, path, sorted(params)], separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 async def read_json(request: Request) -> JsonDict:

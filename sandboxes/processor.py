@@ -8,8 +8,7 @@ Stripe (https://docs.stripe.com/api/refunds).
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -22,13 +21,21 @@ from starlette.routing import Route
 from sandboxes.common import ApiError, JsonDict, Sandbox, new_id, read_json, run_main
 
 DEFAULT_PORT = 8301
-REFUND_BEHAVIORS = ("succeed", "pending", "pending_fail", "fail")
+# The version answered when a request sends no `Stripe-Version`, as an account's default is.
+DEFAULT_API_VERSION = "2025-12-15.clover"
+# How a charge's refunds turn out: the status they are created with, and for the pending
+# ones, how reading them settles them.
+REFUND_BEHAVIORS = ("succeed", "pending", "pending_fail", "fail", "requires_action", "canceled")
+SETTLED_STATUSES = ("succeeded", "failed", "canceled")
+# Only these can still change; the others are final, as at Stripe.
+SETTLEABLE_STATUSES = ("pending", "requires_action")
 REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer")
 # Statuses that hold money back from the charge; failed and canceled refunds give it back.
 COUNTED_STATUSES = ("succeeded", "pending", "requires_action")
 PENDING_FAILURE_REASON = "lost_or_stolen_card"
 IMMEDIATE_FAILURE_REASON = "declined"
 _INTEGER = re.compile(r"^[0-9]+$")
+_EXPAND_PARAM = re.compile(r"^expand(\[[0-9]*\])?$")
 
 
 def _initial_state() -> JsonDict:
@@ -40,7 +47,11 @@ class ProcessorSandbox:
 
     def __init__(self, *, api_key: str, state_path: Path | None) -> None:
         self.core = Sandbox(
-            name="processor", api_key=api_key, state_path=state_path, initial_state=_initial_state
+            name="processor",
+            api_key=api_key,
+            state_path=state_path,
+            initial_state=_initial_state,
+            api_version=DEFAULT_API_VERSION,
         )
 
     @property
@@ -71,20 +82,26 @@ class ProcessorSandbox:
                     self.admin_refund_outside,
                     methods=["POST"],
                 ),
+                Route(
+                    "/_sandbox/charges/{charge_id}/refund_behavior",
+                    self.admin_set_refund_behavior,
+                    methods=["POST"],
+                ),
                 Route("/_sandbox/refunds/{refund_id}/settle", self.admin_settle, methods=["POST"]),
             ]
         )
 
     # -- views -------------------------------------------------------------------------
 
-    def refund_view(self, refund: JsonDict) -> JsonDict:
-        """A refund as Stripe shows it."""
+    def refund_view(self, refund: JsonDict, *, expand_charge: bool = False) -> JsonDict:
+        """A refund as Stripe shows it; `expand_charge` puts the charge object in `charge`."""
+        charge = refund["charge"]
         return {
             "id": refund["id"],
             "object": "refund",
             "amount": refund["amount"],
             "currency": refund["currency"],
-            "charge": refund["charge"],
+            "charge": self.charge_view(self.charges[charge]) if expand_charge else charge,
             "payment_intent": refund["payment_intent"],
             "status": refund["status"],
             "failure_reason": refund["failure_reason"],
@@ -94,7 +111,7 @@ class ProcessorSandbox:
         }
 
     def amount_refunded(self, charge: JsonDict) -> int:
-        """What pending and succeeded refunds have taken from a charge."""
+        """What refunds still holding money (`COUNTED_STATUSES`) have taken from a charge."""
         return sum(
             self.refunds[rid]["amount"]
             for rid in charge["refund_ids"]
@@ -158,6 +175,8 @@ class ProcessorSandbox:
             "pending": ("pending", None),
             "pending_fail": ("pending", None),
             "fail": ("failed", IMMEDIATE_FAILURE_REASON),
+            "requires_action": ("requires_action", None),
+            "canceled": ("canceled", None),
         }[behavior]
         refund: JsonDict = {
             "id": new_id("re_"),
@@ -169,7 +188,7 @@ class ProcessorSandbox:
             "failure_reason": failure_reason,
             "reason": reason,
             "metadata": metadata,
-            "created": int(time.time()),
+            "created": self.core.now_int(),
             "behavior": behavior,
             "settle_after_polls": charge["settle_after_polls"],
             "polls": 0,
@@ -214,7 +233,8 @@ class ProcessorSandbox:
         params = await _form_params(request)
         # Like Stripe, parameter validation fails before the endpoint "starts executing", so
         # those errors are not saved under the idempotency key; business errors are.
-        fields, metadata = _refund_fields(params)
+        expand = _expand(params, allowed=("charge",))
+        fields, metadata = _refund_fields([p for p in params if not _EXPAND_PARAM.match(p[0])])
         amount = _positive_int(fields["amount"], "amount") if "amount" in fields else None
 
         def handler() -> tuple[int, JsonDict]:
@@ -226,12 +246,13 @@ class ProcessorSandbox:
                 reason=fields.get("reason"),
                 behavior=charge["refund_behavior"],
             )
-            return 200, self.refund_view(refund)
+            return 200, self.refund_view(refund, expand_charge="charge" in expand)
 
         return await self.core.run_idempotent(request, params, handler)
 
     async def get_refund(self, request: Request) -> Response:
         """`GET /v1/refunds/{id}`; each GET of a pending refund brings it closer to settling."""
+        expand = _expand(request.query_params.multi_items(), allowed=("charge",))
         refund_id = request.path_params["refund_id"]
         async with self.core.lock:
             refund = self.refunds.get(refund_id)
@@ -246,32 +267,39 @@ class ProcessorSandbox:
                         refund, "failed" if refund["behavior"] == "pending_fail" else "succeeded"
                     )
                 self.core.save()
-            return JSONResponse(self.refund_view(refund))
+            return JSONResponse(self.refund_view(refund, expand_charge="charge" in expand))
 
     async def list_refunds(self, request: Request) -> Response:
         """`GET /v1/refunds?charge=&payment_intent=&limit=&starting_after=`, newest first."""
         query = request.query_params
+        expand = _expand(query.multi_items(), allowed=("data.charge",))
         async with self.core.lock:
             refunds = list(self.refunds.values())
             if "charge" in query:
                 refunds = [r for r in refunds if r["charge"] == query["charge"]]
             if "payment_intent" in query:
                 refunds = [r for r in refunds if r["payment_intent"] == query["payment_intent"]]
-            data = [self.refund_view(r) for r in reversed(refunds)]
+            with_charge = "data.charge" in expand
+            data = [self.refund_view(r, expand_charge=with_charge) for r in reversed(refunds)]
         return JSONResponse(_page(data, query, url="/v1/refunds"))
 
     async def list_charge_refunds(self, request: Request) -> Response:
         """`GET /v1/charges/{id}/refunds`, newest first."""
         charge_id = request.path_params["charge_id"]
+        expand = _expand(request.query_params.multi_items(), allowed=("data.charge",))
         async with self.core.lock:
             charge = self._get_charge(charge_id)
-            data = [self.refund_view(self.refunds[rid]) for rid in reversed(charge["refund_ids"])]
+            data = [
+                self.refund_view(self.refunds[rid], expand_charge="data.charge" in expand)
+                for rid in reversed(charge["refund_ids"])
+            ]
         return JSONResponse(
             _page(data, request.query_params, url=f"/v1/charges/{charge_id}/refunds")
         )
 
     async def get_charge(self, request: Request) -> Response:
         """`GET /v1/charges/{id}`."""
+        _expand(request.query_params.multi_items(), allowed=())
         async with self.core.lock:
             charge = self._get_charge(request.path_params["charge_id"])
             return JSONResponse(self.charge_view(charge))
@@ -279,6 +307,7 @@ class ProcessorSandbox:
     async def list_charges(self, request: Request) -> Response:
         """`GET /v1/charges?payment_intent=&limit=&starting_after=`, newest first."""
         query = request.query_params
+        _expand(query.multi_items(), allowed=())
         async with self.core.lock:
             charges = list(self.charges.values())
             if "payment_intent" in query:
@@ -305,13 +334,7 @@ class ProcessorSandbox:
         currency = data.get("currency", "usd")
         if not isinstance(currency, str) or len(currency) != 3:
             raise ApiError(400, "currency must be a 3-letter code", param="currency")
-        behavior = data.get("refund_behavior", "succeed")
-        if behavior not in REFUND_BEHAVIORS:
-            raise ApiError(
-                400,
-                f"refund_behavior must be one of {', '.join(REFUND_BEHAVIORS)}",
-                param="refund_behavior",
-            )
+        behavior = _refund_behavior(data.get("refund_behavior", "succeed"))
         polls = data.get("settle_after_polls", 2)
         if isinstance(polls, bool) or not isinstance(polls, int) or polls < 0:
             raise ApiError(400, "settle_after_polls must be a non-negative integer")
@@ -333,7 +356,7 @@ class ProcessorSandbox:
                 "payment_intent": payment_intent,
                 "refund_behavior": behavior,
                 "settle_after_polls": polls,
-                "created": int(time.time()),
+                "created": self.core.now_int(),
                 "refund_ids": [],
             }
             self.charges[charge_id] = charge
@@ -360,19 +383,38 @@ class ProcessorSandbox:
             self.core.save()
             return JSONResponse(self.refund_view(refund))
 
+    async def admin_set_refund_behavior(self, request: Request) -> Response:
+        """`POST /_sandbox/charges/{id}/refund_behavior` with `{"refund_behavior": ...}`.
+
+        Changes how refunds created from now on turn out; existing refunds keep theirs.
+        """
+        data = await read_json(request)
+        behavior = _refund_behavior(data.get("refund_behavior"))
+        async with self.core.lock:
+            charge = self._get_charge(request.path_params["charge_id"])
+            charge["refund_behavior"] = behavior
+            self.core.save()
+            return JSONResponse({**self.charge_view(charge), "refund_behavior": behavior})
+
     async def admin_settle(self, request: Request) -> Response:
-        """`POST /_sandbox/refunds/{id}/settle` with `{"status": "succeeded"|"failed"}`."""
+        """`POST /_sandbox/refunds/{id}/settle` with `{"status": "succeeded"|"failed"|"canceled"}`.
+
+        Settles a `pending` or `requires_action` refund; settling again to the same status
+        is a no-op, to another one a 409.
+        """
         data = await read_json(request)
         status = data.get("status")
-        if status not in ("succeeded", "failed"):
-            raise ApiError(400, "status must be 'succeeded' or 'failed'", param="status")
+        if status not in SETTLED_STATUSES:
+            raise ApiError(
+                400, f"status must be one of {', '.join(SETTLED_STATUSES)}", param="status"
+            )
         refund_id = request.path_params["refund_id"]
         async with self.core.lock:
             refund = self.refunds.get(refund_id)
             if refund is None:
                 raise ApiError(404, f"No such refund: '{refund_id}'", code="resource_missing")
             if refund["status"] != status:
-                if refund["status"] != "pending":
+                if refund["status"] not in SETTLEABLE_STATUSES:
                     raise ApiError(
                         409,
                         f"Refund {refund_id} is already {refund['status']}.",
@@ -381,6 +423,32 @@ class ProcessorSandbox:
                 self._settle(refund, status)
                 self.core.save()
             return JSONResponse(self.refund_view(refund))
+
+
+def _refund_behavior(value: object) -> str:
+    if not isinstance(value, str) or value not in REFUND_BEHAVIORS:
+        raise ApiError(
+            400,
+            f"refund_behavior must be one of {', '.join(REFUND_BEHAVIORS)}",
+            param="refund_behavior",
+        )
+    return value
+
+
+def _expand(params: Iterable[tuple[str, str]], *, allowed: Sequence[str]) -> set[str]:
+    """The `expand[]` (or stripe-python's `expand[0]`) paths of a request, all `allowed`.
+
+    Raises:
+        ApiError: 400 for a path this endpoint cannot expand, in Stripe's words.
+    """
+    paths = {value for name, value in params if _EXPAND_PARAM.match(name)}
+    for path in sorted(paths):
+        if path not in allowed:
+            message = f"This property cannot be expanded ({path})."
+            if f"data.{path}" in allowed:
+                message += f" You may want to try expanding 'data.{path}' instead."
+            raise ApiError(400, message)
+    return paths
 
 
 async def _form_params(request: Request) -> list[tuple[str, str]]:

@@ -207,8 +207,10 @@ def test_ams_state_survives_a_restart(tmp_path: Path) -> None:
     state = tmp_path / "ams.json"
     auth = {"Authorization": "Bearer k"}
     with serve_app(create_app(api_key="k", state_path=state)) as url:
-        httpx.post(f"{url}/_sandbox/members", json={"member_id": "M-1", "entitlements": ["A"]})
-        httpx.post(f"{url}/_sandbox/entitlements", json={"member_id": "M-1", "product_code": "B"})
+        members = {"member_id": "M-1", "entitlements": ["A"]}
+        httpx.post(f"{url}/_sandbox/members", json=members, headers=auth)
+        grant = {"member_id": "M-1", "product_code": "B"}
+        httpx.post(f"{url}/_sandbox/entitlements", json=grant, headers=auth)
         httpx.delete(f"{url}/v1/members/M-1/entitlements/A", headers=auth)
 
     with serve_app(create_app(api_key="k", state_path=state)) as url:
@@ -216,3 +218,13 @@ def test_ams_state_survives_a_restart(tmp_path: Path) -> None:
 
     assert listed["member_id"] == "M-1"
     assert [e["product_code"] for e in listed["data"]] == ["B"]
+
+
+@pytest.mark.parametrize("path", ["/_sandbox/members/M-1", "/_sandbox/requests", "/_sandbox/clock"])
+def test_ams_admin_api_requires_the_bearer_key(ams_sandbox: AmsSandbox, path: str) -> None:
+    missing = httpx.get(f"{ams_sandbox.url}{path}")
+    wrong = httpx.get(f"{ams_sandbox.url}{path}", headers={"Authorization": "Bearer nope"})
+
+    assert (missing.status_code, wrong.status_code) == (401, 401)
+    assert missing.json()["error"]["code"] == "api_key_missing"
+    assert httpx.get(f"{ams_sandbox.url}/healthz").status_code == 200

@@ -107,6 +107,8 @@ async def scene(live_stack: LiveStack) -> AsyncIterator[Scene]:
                 http,
                 processor_url=settings.processor_url,
                 ams_url=settings.ams_url,
+                processor_api_key=settings.processor_api_key.get_secret_value(),
+                ams_api_key=settings.ams_api_key.get_secret_value(),
                 scenario=scenario,
             )
             for name, (scenario, _) in PURCHASES.items()

@@ -211,6 +211,8 @@ def seed(world: SagaWorld, count: int, **kw: Any) -> tuple[int, list[Buyer]]:
         world.store,
         processor_url=world.processor.url,
         ams_url=world.ams.url,
+        processor_api_key=world.processor.api_key,
+        ams_api_key=world.ams.api_key,
         count=count,
         http=world.http,
         **kw,
@@ -528,9 +530,20 @@ def refund_json(live: LiveStack, *args: str, timeout: float = 120) -> Any:
     return json.loads(done.stdout)
 
 
+def admin_auth(live: LiveStack, sandbox: str) -> dict[str, str]:
+    """The bearer header a sandbox's admin API takes (the same key as its `/v1`)."""
+    settings = live.settings
+    key = settings.processor_api_key if sandbox == "processor" else settings.ams_api_key
+    return {"Authorization": f"Bearer {key.get_secret_value()}"}
+
+
 def processor_calls(live: LiveStack) -> list[tuple[float, str, str]]:
     """Every call the processor sandbox received since its log was cleared: (ts, method, path)."""
-    log = httpx.get(f"{live.settings.processor_url}/_sandbox/requests", timeout=30).json()
+    log = httpx.get(
+        f"{live.settings.processor_url}/_sandbox/requests",
+        headers=admin_auth(live, "processor"),
+        timeout=30,
+    ).json()
     return [(r["ts"], r["method"], r["path"]) for r in log if not r["path"].startswith("/_sandbox")]
 
 
@@ -545,6 +558,8 @@ def run_cli_batch(
             store,
             processor_url=live.settings.processor_url,
             ams_url=live.settings.ams_url,
+            processor_api_key=live.settings.processor_api_key.get_secret_value(),
+            ams_api_key=live.settings.ams_api_key.get_secret_value(),
             count=count,
         )
         seed_s = time.monotonic() - seeded
@@ -552,6 +567,7 @@ def run_cli_batch(
         httpx.post(
             f"{live.settings.processor_url}/_sandbox/charges/{outside.charge_id}/refund_outside",
             json={},
+            headers=admin_auth(live, "processor"),
         ).raise_for_status()
 
         base = ["batch", "--product", str(product_id), "--reason", "event cancelled"]
@@ -570,7 +586,10 @@ def run_cli_batch(
         batch_id = started["workflow_id"]
         assert started["state"] == "AWAITING_APPROVAL"
         # Planning read every charge before the approval; from here on, the sagas' calls.
-        httpx.delete(f"{live.settings.processor_url}/_sandbox/requests").raise_for_status()
+        httpx.delete(
+            f"{live.settings.processor_url}/_sandbox/requests",
+            headers=admin_auth(live, "processor"),
+        ).raise_for_status()
         again = refund(live, *base)
         assert again.returncode == 2 and "already running" in again.stderr
         approvals = started["summary"]["required_approvals"]
@@ -617,7 +636,10 @@ def run_cli_batch(
             for c in held_once
         )
         members = [
-            httpx.get(f"{live.settings.ams_url}/_sandbox/members/{b.ams_member_id}").json()
+            httpx.get(
+                f"{live.settings.ams_url}/_sandbox/members/{b.ams_member_id}",
+                headers=admin_auth(live, "ams"),
+            ).json()
             for b in buyers
         ]
         assert all(e["status"] != "active" for m in members for e in m["entitlements"])

@@ -60,7 +60,13 @@ def charge(live: LiveStack, charge_id: str) -> dict[str, Any]:
 
 
 def sandbox(live: LiveStack, method: str, path: str, body: Any = None) -> Any:
-    response = httpx.request(method, f"{live.settings.processor_url}{path}", json=body)
+    key = live.settings.processor_api_key.get_secret_value()
+    response = httpx.request(
+        method,
+        f"{live.settings.processor_url}{path}",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+    )
     response.raise_for_status()
     return response.json()
 
@@ -81,7 +87,10 @@ def test_seed_matches_the_processor_and_the_ams(live_stack: LiveStack) -> None:
         assert held["refunded"] == (p["scenario"] == "already_refunded")
         if p["ams_member_id"]:
             member = httpx.get(
-                f"{live_stack.settings.ams_url}/_sandbox/members/{p['ams_member_id']}"
+                f"{live_stack.settings.ams_url}/_sandbox/members/{p['ams_member_id']}",
+                headers={
+                    "Authorization": f"Bearer {live_stack.settings.ams_api_key.get_secret_value()}"
+                },
             ).json()
             codes = [e["product_code"] for e in member["entitlements"] if e["status"] == "active"]
             assert codes == [p["ams_product_code"]]

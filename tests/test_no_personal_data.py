@@ -120,6 +120,8 @@ async def test_the_live_worker_log_and_history_hold_no_key_name_or_email(
                 http,
                 processor_url=settings.processor_url,
                 ams_url=settings.ams_url,
+                processor_api_key=settings.processor_api_key.get_secret_value(),
+                ams_api_key=settings.ams_api_key.get_secret_value(),
                 scenario="standard",
             )
         name, email = learner(store, purchase.user_id)

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from sandboxes.processor import create_app
-from tests.fixtures.sandboxes import ProcessorSandbox, serve_app
+from sandboxes.processor import DEFAULT_API_VERSION, create_app
+from tests.fixtures.sandboxes import ProcessorSandbox, admin_client, serve_app
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -366,7 +366,7 @@ async def test_concurrent_refunds_never_exceed_the_charge(
 
 
 def test_reset_clears_state_faults_and_log(tmp_path: Path) -> None:
-    with serve_app(create_app(api_key="k")) as url, httpx.Client(base_url=url) as http:
+    with serve_app(create_app(api_key="k")) as url, admin_client(url, "k") as http:
         charge = http.post("/_sandbox/charges", json={"amount": 100}).json()
         http.post("/_sandbox/faults", json={"error_rate": 0.5})
         http.get(f"/v1/charges/{charge['id']}", headers={"Authorization": "Bearer k"})
@@ -442,14 +442,13 @@ def test_main_serves_with_the_key_from_the_environment(tmp_path: Path) -> None:
                     assert process.poll() is None, log.read_text()
                     assert time.monotonic() < deadline, "sandbox did not start"
                     time.sleep(0.05)
-            charge = httpx.post(f"{url}/_sandbox/charges", json={"amount": 100}).json()
-            ok = httpx.get(
-                f"{url}/v1/charges/{charge['id']}", headers={"Authorization": "Bearer sk_env_key"}
-            )
+            auth = {"Authorization": "Bearer sk_env_key"}
+            charge = httpx.post(f"{url}/_sandbox/charges", json={"amount": 100}, headers=auth)
+            ok = httpx.get(f"{url}/v1/charges/{charge.json()['id']}", headers=auth)
             assert ok.status_code == 200
         finally:
             process.terminate()
-    assert charge["id"] in json.loads(state.read_text())["charges"]
+    assert charge.json()["id"] in json.loads(state.read_text())["charges"]
 
 
 def test_main_refuses_to_start_without_a_key() -> None:
@@ -466,3 +465,412 @@ def test_main_refuses_to_start_without_a_key() -> None:
 
     assert result.returncode == 2
     assert "API key" in result.stderr
+
+
+# --- the sandbox clock and pruned idempotency keys ------------------------------------------
+
+
+def test_clock_advances_stamps_and_resets() -> None:
+    with serve_app(create_app(api_key="k")) as url, admin_client(url, "k") as http:
+        before = http.get("/_sandbox/clock").json()
+        moved = http.post("/_sandbox/clock", json={"advance_s": 3600.5}).json()
+        charge = http.post("/_sandbox/charges", json={"amount": 100}).json()
+        refund = http.post("/v1/refunds", data={"charge": charge["id"]}).json()
+        backwards = http.post("/_sandbox/clock", json={"advance_s": -1})
+        http.post("/_sandbox/reset")
+        after = http.get("/_sandbox/clock").json()
+
+    assert before["offset_s"] == 0
+    assert moved["offset_s"] == 3600.5
+    assert moved["now"] - before["now"] in range(3600, 3603)
+    assert charge["created"] >= before["now"] + 3600
+    assert refund["created"] >= before["now"] + 3600
+    assert backwards.status_code == 400
+    assert after["offset_s"] == 0
+
+
+def test_clock_offset_survives_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "processor.json"
+    with serve_app(create_app(api_key="k", state_path=state)) as url, admin_client(url, "k") as h:
+        h.post("/_sandbox/clock", json={"advance_s": 120})
+    with serve_app(create_app(api_key="k", state_path=state)) as url, admin_client(url, "k") as h:
+        assert h.get("/_sandbox/clock").json()["offset_s"] == 120
+
+
+@pytest.mark.parametrize(("advance_s", "refunds"), [(86_399, 1), (86_400, 2)])
+def test_idempotency_keys_are_pruned_after_24_hours(advance_s: int, refunds: int) -> None:
+    with serve_app(create_app(api_key="k")) as url, admin_client(url, "k") as http:
+        charge = http.post("/_sandbox/charges", json={"amount": 500}).json()
+        params = {"charge": charge["id"], "amount": "100"}
+        key = {"Idempotency-Key": "day-old-key"}
+        first = http.post("/v1/refunds", data=params, headers=key)
+        http.post("/_sandbox/clock", json={"advance_s": advance_s})
+        again = http.post("/v1/refunds", data=params, headers=key)
+        held = http.get(f"/v1/charges/{charge['id']}").json()
+
+    assert len(held["refunds"]["data"]) == refunds
+    assert held["amount_refunded"] == 100 * refunds
+    replayed = again.headers.get("idempotent-replayed") == "true"
+    assert replayed is (refunds == 1)
+    assert (again.json()["id"] == first.json()["id"]) is replayed
+
+
+# --- saved 5xx, 429s and the limiter --------------------------------------------------------
+
+
+def test_saved_error_is_replayed_and_executes_nothing(
+    processor_faults: ProcessorSandbox, api: httpx.Client
+) -> None:
+    charge = processor_faults.create_charge(500)
+    key = str(uuid.uuid4())
+    processor_faults.set_faults(saved_error_rate=1.0, paths=["/v1/refunds"])
+
+    first = _refund(api, key, charge=charge["id"], amount="100")
+    processor_faults.clear_faults()
+    replay = _refund(api, key, charge=charge["id"], amount="100")
+
+    assert first.status_code == replay.status_code == 500
+    assert first.json()["error"]["type"] == "api_error"
+    assert first.headers["stripe-should-retry"] == "false"
+    assert "idempotent-replayed" not in first.headers
+    assert replay.headers["stripe-should-retry"] == "false"
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.headers["original-request"] == first.headers["request-id"]
+    assert replay.json() == first.json()
+    assert processor_faults.get_charge(charge["id"])["refunds"]["data"] == []
+
+
+def test_executed_saved_error_leaves_a_refund_behind_a_500(
+    processor_faults: ProcessorSandbox, api: httpx.Client
+) -> None:
+    charge = processor_faults.create_charge(500)
+    key = str(uuid.uuid4())
+    processor_faults.set_faults(executed_saved_error_rate=1.0, paths=["/v1/refunds"])
+
+    first = _refund(api, key, charge=charge["id"], amount="100", **{"metadata[saga]": "s-9"})
+    processor_faults.clear_faults()
+    replay = _refund(api, key, charge=charge["id"], amount="100", **{"metadata[saga]": "s-9"})
+    held = processor_faults.get_charge(charge["id"])
+
+    assert (first.status_code, replay.status_code) == (500, 500)
+    assert first.headers["stripe-should-retry"] == replay.headers["stripe-should-retry"] == "false"
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert held["amount_refunded"] == 100
+    assert [r["metadata"] for r in held["refunds"]["data"]] == [{"saga": "s-9"}]
+
+
+def test_saved_faults_do_not_strike_requests_without_a_key(
+    processor_faults: ProcessorSandbox, api: httpx.Client
+) -> None:
+    charge = processor_faults.create_charge(500)
+    processor_faults.set_faults(saved_error_rate=1.0)
+
+    read = api.get(f"/v1/charges/{charge['id']}")
+    unkeyed = _refund(api, charge=charge["id"], amount="10")
+
+    assert (read.status_code, unkeyed.status_code) == (200, 200)
+    assert [r["fault"] for r in processor_faults.requests()] == [None, None]
+
+
+def test_plain_error_fault_asks_for_a_retry(
+    processor_faults: ProcessorSandbox, api: httpx.Client
+) -> None:
+    charge = processor_faults.create_charge(500)
+    processor_faults.set_faults(error_rate=1.0)
+
+    response = api.get(f"/v1/charges/{charge['id']}")
+
+    assert response.status_code in (500, 503)
+    assert response.headers["stripe-should-retry"] == "true"
+
+
+@pytest.mark.parametrize("kind", ["rate_limit", "lock_timeout"])
+def test_injected_429_has_stripes_shape_and_executes_nothing(
+    processor_faults: ProcessorSandbox, api: httpx.Client, kind: str
+) -> None:
+    charge = processor_faults.create_charge(500)
+    key = str(uuid.uuid4())
+    processor_faults.set_faults(**{f"{kind}_rate": 1.0}, retry_after_s=7)
+
+    limited = _refund(api, key, charge=charge["id"], amount="100")
+    processor_faults.clear_faults()
+    retried = _refund(api, key, charge=charge["id"], amount="100")
+
+    assert limited.status_code == 429
+    assert limited.headers["retry-after"] == "7"
+    assert limited.headers["stripe-should-retry"] == "true"
+    error = limited.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", kind)
+    assert error["message"]
+    assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers
+    assert processor_faults.get_charge(charge["id"])["amount_refunded"] == 100
+
+
+def test_rate_limiter_admits_the_burst_then_answers_429(
+    processor_faults: ProcessorSandbox, api: httpx.Client
+) -> None:
+    charge = processor_faults.create_charge(500)
+    processor_faults.set_faults(rate_limit_per_s=5, retry_after_s=2)
+
+    statuses = [api.get(f"/v1/charges/{charge['id']}").status_code for _ in range(12)]
+    limited = api.get(f"/v1/charges/{charge['id']}")
+    time.sleep(0.5)  # two tokens come back at 5 a second
+    refilled = api.get(f"/v1/charges/{charge['id']}")
+    processor_faults.set_faults()
+    unlimited = [api.get(f"/v1/charges/{charge['id']}").status_code for _ in range(12)]
+
+    # The burst is the rate; the dozen requests take far less than the second a refill needs.
+    assert statuses.count(200) in (5, 6)
+    assert statuses[:5] == [200] * 5 and statuses[-1] == 429
+    assert limited.status_code == 429
+    assert limited.headers["retry-after"] == "2"
+    assert limited.json()["error"]["code"] == "rate_limit"
+    assert refilled.status_code == 200
+    assert set(unlimited) == {200}
+    assert "rate_limiter" in [r["fault"] for r in processor_faults.requests()]
+
+
+def test_new_fault_settings_are_validated(processor_faults: ProcessorSandbox) -> None:
+    http = processor_faults.http
+    bad = [
+        {"saved_error_rate": 1.5},
+        {"rate_limit_per_s": -1},
+        {"retry_after_s": 1.5},
+        {"lock_timeout_rate": "x"},
+    ]
+
+    codes = [http.post("/_sandbox/faults", json=body).status_code for body in bad]
+    shown = processor_faults.set_faults(executed_saved_error_rate=0.2, rate_limit_per_s=2.5)
+    processor_faults.clear_faults()
+
+    assert codes == [400] * 4
+    assert (shown["executed_saved_error_rate"], shown["rate_limit_per_s"]) == (0.2, 2.5)
+    assert shown["retry_after_s"] == 1
+
+
+# --- refund statuses and the behaviour switch -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("behavior", "status", "counted"),
+    [("requires_action", "requires_action", 300), ("canceled", "canceled", 0)],
+)
+def test_requires_action_and_canceled_behaviors(
+    processor_sandbox: ProcessorSandbox,
+    api: httpx.Client,
+    behavior: str,
+    status: str,
+    counted: int,
+) -> None:
+    charge = processor_sandbox.create_charge(500, refund_behavior=behavior, settle_after_polls=1)
+
+    refund = _refund(api, charge=charge["id"], amount="300").json()
+    polled = [api.get(f"/v1/refunds/{refund['id']}").json()["status"] for _ in range(3)]
+
+    assert (refund["status"], refund["failure_reason"]) == (status, None)
+    assert polled == [status] * 3  # reading does not settle them
+    assert processor_sandbox.get_charge(charge["id"])["amount_refunded"] == counted
+
+
+@pytest.mark.parametrize(
+    ("behavior", "settled_as", "refunded", "failure_reason"),
+    [
+        ("requires_action", "succeeded", 200, None),
+        ("requires_action", "failed", 0, "lost_or_stolen_card"),
+        ("requires_action", "canceled", 0, None),
+        ("pending", "canceled", 0, None),
+    ],
+)
+def test_settling_requires_action_and_pending_refunds(
+    processor_sandbox: ProcessorSandbox,
+    api: httpx.Client,
+    behavior: str,
+    settled_as: str,
+    refunded: int,
+    failure_reason: str | None,
+) -> None:
+    charge = processor_sandbox.create_charge(500, refund_behavior=behavior, settle_after_polls=99)
+    refund = _refund(api, charge=charge["id"], amount="200").json()
+
+    settled = processor_sandbox.settle(refund["id"], settled_as)
+    flip = processor_sandbox.http.post(
+        f"/_sandbox/refunds/{refund['id']}/settle",
+        json={"status": "succeeded" if settled_as != "succeeded" else "failed"},
+    )
+
+    assert (settled["status"], settled["failure_reason"]) == (settled_as, failure_reason)
+    assert flip.status_code == 409
+    assert processor_sandbox.get_charge(charge["id"])["amount_refunded"] == refunded
+
+
+def test_canceled_refunds_cannot_be_settled(
+    processor_sandbox: ProcessorSandbox, api: httpx.Client
+) -> None:
+    charge = processor_sandbox.create_charge(500, refund_behavior="canceled")
+    refund = _refund(api, charge=charge["id"]).json()
+
+    response = processor_sandbox.http.post(
+        f"/_sandbox/refunds/{refund['id']}/settle", json={"status": "succeeded"}
+    )
+    bad = processor_sandbox.http.post(
+        f"/_sandbox/refunds/{refund['id']}/settle", json={"status": "pending"}
+    )
+
+    assert (response.status_code, bad.status_code) == (409, 400)
+
+
+def test_refund_behavior_switch_applies_to_later_refunds(
+    processor_sandbox: ProcessorSandbox, api: httpx.Client
+) -> None:
+    charge = processor_sandbox.create_charge(900)
+    before = _refund(api, charge=charge["id"], amount="100").json()
+
+    switched = processor_sandbox.set_refund_behavior(charge["id"], "requires_action")
+    after = _refund(api, charge=charge["id"], amount="100").json()
+    bad = processor_sandbox.http.post(
+        f"/_sandbox/charges/{charge['id']}/refund_behavior", json={"refund_behavior": "explode"}
+    )
+    missing = processor_sandbox.http.post(
+        "/_sandbox/charges/ch_nope/refund_behavior", json={"refund_behavior": "fail"}
+    )
+
+    assert switched["refund_behavior"] == "requires_action"
+    assert (before["status"], after["status"]) == ("succeeded", "requires_action")
+    assert api.get(f"/v1/refunds/{before['id']}").json()["status"] == "succeeded"
+    assert (bad.status_code, missing.status_code) == (400, 404)
+
+
+# --- expand, Stripe-Version, Request-Id ------------------------------------------------------
+
+
+def test_expand_charge_on_retrieve_create_and_list(
+    processor_sandbox: ProcessorSandbox, api: httpx.Client
+) -> None:
+    charge = processor_sandbox.create_charge(500)
+    created = api.post(
+        "/v1/refunds", data={"charge": charge["id"], "amount": "50", "expand[]": "charge"}
+    ).json()
+
+    indexed = api.get(f"/v1/refunds/{created['id']}", params={"expand[0]": "charge"}).json()
+    plain = api.get(f"/v1/refunds/{created['id']}").json()
+    listed = api.get(
+        "/v1/refunds", params={"charge": charge["id"], "expand[]": "data.charge"}
+    ).json()
+
+    assert created["charge"]["object"] == "charge"
+    assert created["charge"]["amount_refunded"] == 50
+    assert indexed["charge"]["id"] == charge["id"]
+    assert indexed["charge"]["refunds"]["data"][0]["id"] == created["id"]
+    assert plain["charge"] == charge["id"]
+    assert [r["charge"]["id"] for r in listed["data"]] == [charge["id"]]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "message"),
+    [
+        ("GET", "/v1/refunds/{refund}", {"expand[]": "payment_intent"}, "(payment_intent)."),
+        ("GET", "/v1/refunds", {"expand[]": "charge"}, "expanding 'data.charge' instead."),
+        ("POST", "/v1/refunds", {"expand[0]": "data.charge"}, "(data.charge)."),
+        ("GET", "/v1/charges/{charge}", {"expand[]": "refunds"}, "(refunds)."),
+    ],
+)
+def test_unknown_expand_paths_are_refused(
+    processor_sandbox: ProcessorSandbox,
+    api: httpx.Client,
+    method: str,
+    path: str,
+    params: dict[str, str],
+    message: str,
+) -> None:
+    charge = processor_sandbox.create_charge(500)
+    refund = _refund(api, charge=charge["id"], amount="10").json()
+    url = path.format(refund=refund["id"], charge=charge["id"])
+
+    if method == "GET":
+        response = api.get(url, params=params)
+    else:
+        response = api.post(url, data={"charge": charge["id"], **params})
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("This property cannot be expanded")
+    assert error["message"].endswith(message)
+    assert processor_sandbox.get_charge(charge["id"])["amount_refunded"] == 10
+
+
+def test_stripe_version_is_echoed_or_defaulted_and_request_ids_are_fresh(
+    processor_faults: ProcessorSandbox, api: httpx.Client
+) -> None:
+    charge = processor_faults.create_charge(500)
+
+    pinned = api.get(f"/v1/charges/{charge['id']}", headers={"Stripe-Version": "2024-06-20"})
+    named = api.get(f"/v1/charges/{charge['id']}", headers={"Stripe-Version": "2025-12-15.clover"})
+    default = api.get(f"/v1/charges/{charge['id']}")
+    unauthorised = httpx.get(f"{processor_faults.url}/v1/charges/{charge['id']}")
+    log = processor_faults.requests()
+
+    assert pinned.headers["stripe-version"] == "2024-06-20"
+    assert named.headers["stripe-version"] == "2025-12-15.clover"
+    assert default.headers["stripe-version"] == DEFAULT_API_VERSION
+    assert unauthorised.status_code == 401 and unauthorised.headers["request-id"]
+    ids = [r.headers["request-id"] for r in (pinned, named, default, unauthorised)]
+    assert all(i.startswith("req_") for i in ids) and len(set(ids)) == 4
+    assert [(r["stripe_version"], r["request_id"]) for r in log] == [
+        ("2024-06-20", ids[0]),
+        ("2025-12-15.clover", ids[1]),
+        (None, ids[2]),
+        (None, ids[3]),
+    ]
+
+
+@pytest.mark.parametrize("version", ["2024-6-20", "latest", "2024-06-20.", "2024-06-20.Clover!"])
+def test_malformed_stripe_version_is_refused(
+    processor_sandbox: ProcessorSandbox, api: httpx.Client, version: str
+) -> None:
+    charge = processor_sandbox.create_charge(500)
+
+    response = api.post(
+        "/v1/refunds", data={"charge": charge["id"]}, headers={"Stripe-Version": version}
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "api_version_invalid"
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.headers["stripe-version"] == DEFAULT_API_VERSION
+    assert processor_sandbox.get_charge(charge["id"])["amount_refunded"] == 0
+
+
+# --- the admin API is behind the key ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/_sandbox/faults"),
+        ("POST", "/_sandbox/faults"),
+        ("GET", "/_sandbox/requests"),
+        ("POST", "/_sandbox/charges"),
+        ("POST", "/_sandbox/clock"),
+        ("GET", "/_sandbox/clock"),
+        ("POST", "/_sandbox/reset"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [({}, "api_key_missing"), ({"Authorization": "Bearer sk_wrong"}, "api_key_invalid")],
+)
+def test_admin_api_requires_the_bearer_key(
+    processor_sandbox: ProcessorSandbox,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    code: str,
+) -> None:
+    response = httpx.request(
+        method, f"{processor_sandbox.url}{path}", json={"amount": 100}, headers=headers
+    )
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == code
+    assert processor_sandbox.clock()["offset_s"] == 0
