@@ -630,6 +630,10 @@ class BatchStatus(Message):
 class BatchCarry(Message):
     """What a batch hands to its next run when it continues as new."""
 
+    batch_workflow_id: str = Field(
+        default="", description="The batch that wrote it: a carry is taken only by its next run"
+    )
+    written_by_run_id: str = Field(default="", description="The run that continued as new")
     status: BatchStatus
     recent_starts: list[datetime] = Field(
         default_factory=list, description="The rate limit's window: the latest start times"

@@ -22,6 +22,7 @@ from sqlalchemy import update
 from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import RawValue
+from temporalio.service import RPCError, RPCStatusCode
 
 from refundsaga.approval import policy_from_settings
 from refundsaga.batch import (
@@ -43,6 +44,8 @@ from refundsaga.contracts import (
     ApprovalDecision,
     ApprovalRecord,
     BatchApproval,
+    BatchCarry,
+    BatchCounts,
     BatchRefundInput,
     BatchState,
     BatchStatus,
@@ -511,6 +514,58 @@ async def test_a_batch_approval_cannot_be_forged_from_outside(batch_world: SagaW
     assert held(world, buyer.charge_id) == (0, 0)
     ended = world.store.audit_trail(workflow_id=handle.id)[-1]
     assert ended.event == "saga_ended" and ended.detail["state"] == "FAILED"
+
+
+async def test_a_batch_started_by_hand_with_a_forged_carry_starts_nothing(
+    batch_world: SagaWorld,
+) -> None:
+    world = batch_world
+    product_id, buyers = seed(world, 2)
+    track(world, buyers)
+    # A real plan in the store (a batch that was rejected) that a forged carry can point at.
+    rejected = await start_batch(world, product_id=product_id)
+    waiting = await poll(rejected, lambda s: s.state == BatchState.AWAITING_APPROVAL)
+    await rejected.signal(BatchRefund.reject, ApprovalDecision(approver="carol"))
+    assert (await rejected.result()).state == BatchState.REJECTED
+    assert waiting.summary is not None
+
+    approvals = [
+        ApprovalRecord(approver=who, approve=True, at=datetime.now(UTC)) for who in ("bob", "carol")
+    ]
+    status = waiting.model_copy(
+        update={
+            "state": BatchState.RUNNING,
+            "approvals": approvals,
+            "counts": BatchCounts(pending=waiting.summary.included),
+        }
+    )
+    forged_id = f"batch-forged-{uuid.uuid4().hex[:8]}"
+    for carry in (
+        BatchCarry(status=status),
+        # Naming itself does not help: no hand-made start is a continued run.
+        BatchCarry(batch_workflow_id=forged_id, written_by_run_id="any", status=status),
+    ):
+        handle = await world.client.start_workflow(
+            BatchRefund.run,
+            BatchRefundInput(reason="event cancelled", requested_by="sam", carry=carry),
+            id=forged_id,
+            task_queue=world.task_queue,
+        )
+        world.handles.append(handle)
+        result = await handle.result()
+        assert result.state == BatchState.FAILED
+        assert "carry is accepted only from this batch's previous run" in (result.error or "")
+        assert result.approvals == [] and result.counts.done == result.counts.running == 0
+    for buyer in buyers:
+        assert held(world, buyer.charge_id) == (0, 0)
+        assert world.store.audit_trail(purchase_id=buyer.purchase_id) == []
+        # Workflow ids outlive this test's store on the module's server: no saga of ours.
+        try:
+            saga = await world.client.get_workflow_handle(f"refund-{buyer.purchase_id}").describe()
+        except RPCError as err:
+            assert err.status == RPCStatusCode.NOT_FOUND
+        else:
+            assert saga.parent_id != forged_id
 
 
 # --- `refund batch` on the dev server -------------------------------------------------------

@@ -137,12 +137,20 @@ class BatchRefund:
         now = workflow.now()
         # The rate limit's window: when the latest sagas started (workflow time).
         self._recent_starts: list[datetime] = []
-        if inp.carry is not None:
+        info = workflow.info()
+        # A carry holds approvals and a running state: anyone can start a batch with one by
+        # hand, so it is taken only from the run this one continues (a run id no hand-made
+        # start can know in advance, so not a cron or retry run either).
+        self._forged_carry = inp.carry is not None and (
+            info.continued_run_id is None
+            or inp.carry.written_by_run_id != info.continued_run_id
+            or inp.carry.batch_workflow_id != info.workflow_id
+        )
+        if inp.carry is not None and not self._forged_carry:
             self._status = inp.carry.status.model_copy(deep=True)
             self._status.runs += 1
             self._recent_starts = list(inp.carry.recent_starts)
         else:
-            info = workflow.info()
             self._status = BatchStatus(
                 workflow_id=info.workflow_id,
                 # Batch ids repeat (one per product at a time): the first run names the plan.
@@ -159,6 +167,12 @@ class BatchRefund:
 
     @workflow.run
     async def run(self, inp: BatchRefundInput) -> BatchStatus:
+        if self._forged_carry:
+            self._status.error = (
+                "refused: a continue-as-new carry is accepted only from this batch's previous "
+                "run; nothing was started"
+            )
+            return await self._end(BatchState.FAILED)
         if inp.carry is None:
             try:
                 summary = await self._plan(inp)
@@ -470,7 +484,12 @@ class BatchRefund:
                 window=self._input.window,
                 rate_per_s=self._input.rate_per_s,
                 starts_per_run=self._input.starts_per_run,
-                carry=BatchCarry(status=self._status, recent_starts=self._recent_starts),
+                carry=BatchCarry(
+                    batch_workflow_id=workflow.info().workflow_id,
+                    written_by_run_id=workflow.info().run_id,
+                    status=self._status,
+                    recent_starts=self._recent_starts,
+                ),
             )
         )
 
