@@ -40,11 +40,13 @@ from refundsaga.batch import (
     wait_for_start,
 )
 from refundsaga.contracts import (
+    BATCH_REPORT_SIGNAL,
     AmsConfirmation,
     ApprovalDecision,
     ApprovalRecord,
     BatchApproval,
     BatchCarry,
+    BatchChildReport,
     BatchCounts,
     BatchRefundInput,
     BatchState,
@@ -566,6 +568,63 @@ async def test_a_batch_started_by_hand_with_a_forged_carry_starts_nothing(
             assert err.status == RPCStatusCode.NOT_FOUND
         else:
             assert saga.parent_id != forged_id
+
+
+async def test_forged_child_reports_neither_close_a_batch_nor_change_its_figures(
+    batch_world: SagaWorld,
+) -> None:
+    world = batch_world
+    manual = world.seed("manual_ams")  # its saga waits for a person: open until confirmed
+    outsider = world.seed("standard")
+    track(world, [])
+    handle = await start_batch(world, purchase_ids=[manual.purchase_id], rate_per_s=10.0)
+    waiting = await poll(handle, lambda s: s.state == BatchState.AWAITING_APPROVAL)
+    for approver in ("alice", "bob")[: waiting.required_approvals]:
+        await handle.execute_update(BatchRefund.decide, ApprovalDecision(approver=approver))
+    before = await poll(handle, lambda s: s.counts.waiting == 1)
+
+    huge = 10**9
+    for forged in (
+        # A purchase this batch never started a saga for.
+        BatchChildReport(
+            purchase_id=outsider.purchase_id,
+            workflow_id=f"refund-{outsider.purchase_id}",
+            previous="waiting",
+            current="done",
+            state=SagaState.COMPLETED,
+            refunded_cents=huge,
+        ),
+        # The batch's real child, which has not finished.
+        BatchChildReport(
+            purchase_id=manual.purchase_id,
+            workflow_id=f"refund-{manual.purchase_id}",
+            previous="waiting",
+            current="done",
+            state=SagaState.COMPLETED,
+            refunded_cents=huge,
+        ),
+    ):
+        await handle.signal(BATCH_REPORT_SIGNAL, forged)
+    after = await poll(handle, lambda s: len(s.ignored) >= len(before.ignored) + 2)
+    assert after.state == BatchState.RUNNING
+    assert after.counts == before.counts
+    reasons = [i.reason for i in after.ignored[-2:]]
+    assert reasons == [
+        "not a saga this batch started and holds open",
+        "the store holds no end for this saga yet",
+    ]
+
+    # The real end counts, with the store's figures.
+    await world.client.get_workflow_handle(f"refund-{manual.purchase_id}").execute_update(
+        RefundSaga.confirm_ams, AmsConfirmation(operator="olivia", ams_reference="AMS-CASE-1")
+    )
+    result = await handle.result()
+    assert result.state == BatchState.COMPLETED
+    assert (result.counts.done, result.counts.open) == (1, 0)
+    assert result.counts.refunded_cents == manual.amount_cents
+    ended = world.store.audit_trail(workflow_id=handle.id)[-1]
+    assert ended.event == "batch_ended" and ended.detail["refunded_cents"] == manual.amount_cents
+    assert held(world, outsider.charge_id) == (0, 0)
 
 
 # --- `refund batch` on the dev server -------------------------------------------------------
