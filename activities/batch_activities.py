@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from temporalio import activity
@@ -220,11 +221,17 @@ class BatchActivities:
 
     @activity.defn
     async def purge_expired_snapshots(self, inp: PurgeCutoff) -> PurgeResult:
-        """Delete archived progress older than the cutoff (it can no longer be restored)."""
+        """Delete archived progress older than the cutoff (it can no longer be restored).
+
+        Never inside the worker's retention, whatever the workflow's input said: anyone can
+        start the purge by hand with a retention of zero.
+        """
+        as_of = inp.as_of or datetime.now(UTC)
+        cutoff = min(inp.cutoff, as_of - self._settings.restore_retention)
         outcome = await asyncio.to_thread(
-            lambda: self._store.purge_expired_snapshots(cutoff=inp.cutoff)
+            lambda: self._store.purge_expired_snapshots(cutoff=cutoff)
         )
-        return PurgeResult(cutoff=inp.cutoff, deleted=outcome.deleted, sagas=outcome.sagas)
+        return PurgeResult(cutoff=cutoff, deleted=outcome.deleted, sagas=outcome.sagas)
 
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for the worker."""

@@ -841,6 +841,9 @@ class PurgeCutoff(Message):
     """The purge activity's input: snapshots archived before this go."""
 
     cutoff: datetime
+    as_of: datetime | None = Field(
+        default=None, description="The workflow's now: the worker's retention is kept from it"
+    )
 
 
 class PurgeResult(Message):
