@@ -544,8 +544,8 @@ async def test_a_batch_started_by_hand_with_a_forged_carry_starts_nothing(
     forged_id = f"batch-forged-{uuid.uuid4().hex[:8]}"
     for carry in (
         BatchCarry(status=status),
-        # Naming itself does not help: no hand-made start is a continued run.
-        BatchCarry(batch_workflow_id=forged_id, written_by_run_id="any", status=status),
+        # Naming itself and a run does not help: no hand-made start is a continued run.
+        BatchCarry(batch_workflow_id=forged_id, written_by_run_id=waiting.plan_id, status=status),
     ):
         handle = await world.client.start_workflow(
             BatchRefund.run,

@@ -149,12 +149,10 @@ class BatchRefund:
         self._children: dict[int, BatchChild] = {}
         info = workflow.info()
         # A carry holds approvals and a running state: anyone can start a batch with one by
-        # hand, so it is taken only from the run this one continues (a run id no hand-made
-        # start can know in advance, so not a cron or retry run either).
+        # hand, so it is taken only from the run this one continues. That run id belongs to
+        # this workflow id and no hand-made start (nor its cron or retry runs) can know it.
         self._forged_carry = inp.carry is not None and (
-            info.continued_run_id is None
-            or inp.carry.written_by_run_id != info.continued_run_id
-            or inp.carry.batch_workflow_id != info.workflow_id
+            info.continued_run_id is None or inp.carry.written_by_run_id != info.continued_run_id
         )
         if inp.carry is not None and not self._forged_carry:
             self._status = inp.carry.status.model_copy(deep=True)
