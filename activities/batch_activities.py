@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.refund_activities import RefundActivities
-from refundsaga.batch import plan_batch, to_planned
+from refundsaga.batch import audit_mark, plan_batch, recorded_end, to_planned
 from refundsaga.contracts import (
     AmsAction,
     ApprovalPolicy,
     ApprovalRecord,
+    BatchChildEnd,
+    BatchChildEndInput,
     BatchCloseInput,
     BatchItem,
     BatchPageInput,
@@ -105,6 +108,8 @@ class BatchActivities:
     @activity.defn
     async def batch_page(self, inp: BatchPageInput) -> list[BatchItem]:
         """The next purchases of the approved plan to start, by purchase id."""
+        # Read before the page: any saga of it starts later, so its end is above the mark.
+        mark = await asyncio.to_thread(audit_mark, self._store)
         rows = await asyncio.to_thread(
             lambda: self._store.batch_page(
                 inp.batch_id, after_purchase_id=inp.after_purchase_id, limit=inp.limit
@@ -118,9 +123,19 @@ class BatchActivities:
                 already_refunded=row.already_refunded,
                 progress_records=row.progress_records,
                 ams_action=cast(AmsAction, row.ams_action),
+                audit_mark=mark,
             )
             for row in rows
         ]
+
+    @activity.defn
+    async def child_end(self, inp: BatchChildEndInput) -> BatchChildEnd:
+        """A child saga's end as the store holds it: what the batch counts, not the report."""
+        return await asyncio.to_thread(
+            lambda: recorded_end(
+                self._store, workflow_id=inp.workflow_id, after_event_id=inp.after_event_id
+            )
+        )
 
     @activity.defn
     async def close_batch(self, inp: BatchCloseInput) -> None:
@@ -206,17 +221,24 @@ class BatchActivities:
 
     @activity.defn
     async def purge_expired_snapshots(self, inp: PurgeCutoff) -> PurgeResult:
-        """Delete archived progress older than the cutoff (it can no longer be restored)."""
+        """Delete archived progress older than the cutoff (it can no longer be restored).
+
+        Never inside the worker's retention, whatever the workflow's input said: anyone can
+        start the purge by hand with a retention of zero.
+        """
+        as_of = inp.as_of or datetime.now(UTC)
+        cutoff = min(inp.cutoff, as_of - self._settings.restore_retention)
         outcome = await asyncio.to_thread(
-            lambda: self._store.purge_expired_snapshots(cutoff=inp.cutoff)
+            lambda: self._store.purge_expired_snapshots(cutoff=cutoff)
         )
-        return PurgeResult(cutoff=inp.cutoff, deleted=outcome.deleted, sagas=outcome.sagas)
+        return PurgeResult(cutoff=cutoff, deleted=outcome.deleted, sagas=outcome.sagas)
 
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for the worker."""
         return [
             self.plan_batch,
             self.batch_page,
+            self.child_end,
             self.close_batch,
             self.check_restore,
             self.restore_progress,

@@ -8,13 +8,17 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
+from sqlalchemy import func, select
+
 from refundsaga.approval import required_approvals
 from refundsaga.contracts import (
     AmsAction,
     ApprovalPolicy,
+    BatchChildEnd,
     BatchItem,
     BatchPlan,
     BatchSummary,
+    SagaState,
 )
 from refundsaga.models import PurchaseSnapshot
 from refundsaga.processor import (
@@ -23,6 +27,7 @@ from refundsaga.processor import (
     ProcessorClient,
     ProcessorError,
 )
+from refundsaga.store.schema import AuditEventRow
 from refundsaga.store.store import OasisStore, PlannedItem
 
 # Charges read at once while planning: enough to plan 1,000 purchases in seconds, few enough
@@ -273,3 +278,39 @@ def max_in_window(times: Sequence[float], window_s: float) -> int:
             start += 1
         best = max(best, end - start + 1)
     return best
+
+
+# --- a child's end, as the store recorded it -----------------------------------------------
+
+
+def audit_mark(store: OasisStore) -> int:
+    """The audit trail's last event id: whatever a saga started after this writes is above it."""
+    with store.engine.connect() as connection:
+        return int(connection.execute(select(func.max(AuditEventRow.id))).scalar() or 0)
+
+
+def recorded_end(store: OasisStore, *, workflow_id: str, after_event_id: int) -> BatchChildEnd:
+    """The end a saga wrote in the trail (`saga_ended`) after `after_event_id`, if any."""
+    statement = (
+        select(AuditEventRow.detail)
+        .where(
+            AuditEventRow.workflow_id == workflow_id,
+            AuditEventRow.event == "saga_ended",
+            AuditEventRow.id > after_event_id,
+        )
+        .order_by(AuditEventRow.id.desc())
+        .limit(1)
+    )
+    with store.engine.connect() as connection:
+        detail = connection.execute(statement).scalar()
+    if detail is None:
+        return BatchChildEnd(ended=False)
+    state = SagaState(detail["state"])
+    # Money the processor moved for this saga; an "already refunded" branch moved none.
+    moved = state == SagaState.COMPLETED and detail.get("branch") == "refund"
+    return BatchChildEnd(
+        ended=True,
+        state=state,
+        refunded_cents=int(detail.get("refund_cents") or 0) if moved else 0,
+        error=detail.get("error"),
+    )

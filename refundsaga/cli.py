@@ -429,9 +429,12 @@ def _approve_matching(
     )
     if not filter_.strip():
         fail("--query is empty: give a filter, e.g. 'RequestedBy=\"sam\"'")
+    try:
+        query = ops.awaiting_approval_query(filter_)
+    except ops.Refused as e:
+        fail(str(e), ExitCode.REFUSED)
     settings = load_settings()
     key = _signing_key(settings)
-    query = ops.awaiting_approval_query(filter_)
 
     def decision_for(execution: Any) -> ApprovalDecision:
         if key is None:
@@ -461,7 +464,7 @@ def _approve_matching(
 
     async def go() -> list[ops.BulkDecision] | None:
         client = await connect(settings)
-        listed = await ops.list_sagas(client, query, limit=limit)
+        _, listed = await ops.select_for_approval(client, filter_, limit=limit)
         if not confirmed(listed):
             return None
         with counts_progress(as_json) as progress:

@@ -568,6 +568,9 @@ class BatchItem(Message):
     progress_records: int = 0
     ams_action: AmsAction = "none"
     skip_reason: str | None = None
+    audit_mark: int = Field(
+        default=0, description="The audit trail's last event id before the saga could start"
+    )
 
     @property
     def included(self) -> bool:
@@ -652,9 +655,38 @@ class BatchStatus(Message):
     timeline: list[TimelineEntry] = Field(default_factory=list)
 
 
+class BatchChild(Message):
+    """A saga the batch started and has not seen end: where it counts, and from which audit
+    event on its end belongs to it (an earlier saga for the purchase had the same id)."""
+
+    bucket: BatchBucket
+    audit_mark: int = 0
+
+
+class BatchChildEndInput(Message):
+    workflow_id: str
+    after_event_id: int
+
+
+class BatchChildEnd(Message):
+    """A child saga's end as the store recorded it (the saga closes its books, then reports)."""
+
+    ended: bool
+    state: SagaState | None = None
+    refunded_cents: int = 0
+    error: str | None = None
+
+
 class BatchCarry(Message):
     """What a batch hands to its next run when it continues as new."""
 
+    batch_workflow_id: str = Field(
+        default="", description="The batch that wrote it: a carry is taken only by its next run"
+    )
+    written_by_run_id: str = Field(default="", description="The run that continued as new")
+    children: dict[int, BatchChild] = Field(
+        default_factory=dict, description="Sagas started and not ended, by purchase id"
+    )
     status: BatchStatus
     recent_starts: list[datetime] = Field(
         default_factory=list, description="The rate limit's window: the latest start times"
@@ -834,6 +866,9 @@ class PurgeCutoff(Message):
     """The purge activity's input: snapshots archived before this go."""
 
     cutoff: datetime
+    as_of: datetime | None = Field(
+        default=None, description="The workflow's now: the worker's retention is kept from it"
+    )
 
 
 class PurgeResult(Message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -166,9 +167,7 @@ class Settings(BaseSettings):
             ("PROCESSOR", self.processor_url, self.processor_api_key, SANDBOX_PROCESSOR_KEY),
             ("AMS", self.ams_url, self.ams_api_key, SANDBOX_AMS_KEY),
         ):
-            host = urlsplit(url).hostname or ""
-            local = host in ("localhost", "::1") or host.startswith("127.")
-            if not local and key.get_secret_value() == default:
+            if not is_loopback_url(url) and key.get_secret_value() == default:
                 raise ValueError(
                     f"REFUND_{name}_API_KEY must be set for {url}: the built-in key is only "
                     "for the local sandbox"
@@ -181,6 +180,21 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'oasis.db').resolve()}"
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether the URL's host is this machine: `localhost` or a loopback address. A prefix
+    test would take `127.0.0.1.evil.example`, a name anyone can point anywhere."""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def get_settings() -> Settings:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, BinaryIO, Literal, TypeVar
 
 import httpx
 from pydantic import SecretStr
@@ -220,7 +220,7 @@ def up(
     deadline = time.monotonic() + timeout_s
     paths = _Paths.of(settings)
     for directory in (paths.data_dir, paths.logs, paths.pids):
-        directory.mkdir(parents=True, exist_ok=True)
+        private_directory(directory)
     run = _UpRun(settings, paths, on_progress, deadline, timeout_s)
     with _locked(paths, deadline), _Temporal(settings) as temporal:
         run.temporal = temporal
@@ -492,7 +492,7 @@ class _UpRun:
         _check_ports_free(self.settings, name)  # again: something may have taken it since
         log_path = self.paths.log(name)
         self.on_progress(f"{name}: starting (log: {log_path})")
-        with log_path.open("ab") as log:
+        with private_log(log_path) as log:
             log.write(f"\n--- refundsaga stack: {name} starting at {datetime.now()}\n".encode())
             log.flush()
             proc = subprocess.Popen(
@@ -725,10 +725,23 @@ def _stop(name: str, pid: int, timeout_s: float, on_progress: Callable[[str], No
         raise StackError(f"{name} (pid {pid}) survived SIGKILL; check `ps -p {pid}`")
 
 
+def private_directory(path: Path) -> None:
+    """A data directory only its owner can read: it holds the store, state and logs."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def private_log(path: Path) -> BinaryIO:
+    """A log file opened for appending, owner only: logs may quote requests and errors."""
+    fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 @contextlib.contextmanager
 def _locked(paths: _Paths, deadline: float) -> Iterator[None]:
     """Serialize `up` and `down` on one data dir across processes."""
-    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    private_directory(paths.data_dir)
     with (paths.data_dir / "stack.lock").open("a") as lock:
         while True:
             try:

@@ -726,6 +726,28 @@ async def test_an_update_on_an_ended_saga_is_refused(scene: Scene) -> None:
     await assert_unchanged(scene, "ended")
 
 
+# --- forged messages and starts ----------------------------------------------------------------
+
+WIDENING_FILTER = 'RefundAmountCents < 10000) OR (ExecutionStatus="Running"'
+
+
+@pytest.mark.parametrize("mode", ["--yes", "--dry-run"])
+async def test_a_bulk_filter_that_closes_the_bracket_decides_nothing(
+    mode: str, scene: Scene
+) -> None:
+    # Unchecked, `... AND (RefundAmountCents < 10000) OR (ExecutionStatus="Running")` lists every
+    # running workflow: the waiting sagas, batches and restores would all be approved.
+    done = await asyncio.to_thread(
+        run, scene.live.env, "approve", "--query", WIDENING_FILTER, "--as", "bob", mode
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "filter was refused" in lines[0], done.stderr
+    assert done.stdout == ""
+    for name in ("waiting", "dual", "ended"):
+        await assert_unchanged(scene, name)
+
+
 # --- and what is not bad input ------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import update
 from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import RawValue
+from temporalio.service import RPCError, RPCStatusCode
 
 from refundsaga.approval import policy_from_settings
 from refundsaga.batch import (
@@ -39,10 +40,14 @@ from refundsaga.batch import (
     wait_for_start,
 )
 from refundsaga.contracts import (
+    BATCH_REPORT_SIGNAL,
     AmsConfirmation,
     ApprovalDecision,
     ApprovalRecord,
     BatchApproval,
+    BatchCarry,
+    BatchChildReport,
+    BatchCounts,
     BatchRefundInput,
     BatchState,
     BatchStatus,
@@ -513,6 +518,115 @@ async def test_a_batch_approval_cannot_be_forged_from_outside(batch_world: SagaW
     assert held(world, buyer.charge_id) == (0, 0)
     ended = world.store.audit_trail(workflow_id=handle.id)[-1]
     assert ended.event == "saga_ended" and ended.detail["state"] == "FAILED"
+
+
+async def test_a_batch_started_by_hand_with_a_forged_carry_starts_nothing(
+    batch_world: SagaWorld,
+) -> None:
+    world = batch_world
+    product_id, buyers = seed(world, 2)
+    track(world, buyers)
+    # A real plan in the store (a batch that was rejected) that a forged carry can point at.
+    rejected = await start_batch(world, product_id=product_id)
+    waiting = await poll(rejected, lambda s: s.state == BatchState.AWAITING_APPROVAL)
+    await rejected.signal(BatchRefund.reject, ApprovalDecision(approver="carol"))
+    assert (await rejected.result()).state == BatchState.REJECTED
+    assert waiting.summary is not None
+
+    approvals = [
+        ApprovalRecord(approver=who, approve=True, at=datetime.now(UTC)) for who in ("bob", "carol")
+    ]
+    status = waiting.model_copy(
+        update={
+            "state": BatchState.RUNNING,
+            "approvals": approvals,
+            "counts": BatchCounts(pending=waiting.summary.included),
+        }
+    )
+    forged_id = f"batch-forged-{uuid.uuid4().hex[:8]}"
+    for carry in (
+        BatchCarry(status=status),
+        # Naming itself and a run does not help: no hand-made start is a continued run.
+        BatchCarry(batch_workflow_id=forged_id, written_by_run_id=waiting.plan_id, status=status),
+    ):
+        handle = await world.client.start_workflow(
+            BatchRefund.run,
+            BatchRefundInput(reason="event cancelled", requested_by="sam", carry=carry),
+            id=forged_id,
+            task_queue=world.task_queue,
+        )
+        world.handles.append(handle)
+        result = await handle.result()
+        assert result.state == BatchState.FAILED
+        assert "carry is accepted only from this batch's previous run" in (result.error or "")
+        assert result.approvals == [] and result.counts.done == result.counts.running == 0
+    for buyer in buyers:
+        assert held(world, buyer.charge_id) == (0, 0)
+        assert world.store.audit_trail(purchase_id=buyer.purchase_id) == []
+        # Workflow ids outlive this test's store on the module's server: no saga of ours.
+        try:
+            saga = await world.client.get_workflow_handle(f"refund-{buyer.purchase_id}").describe()
+        except RPCError as err:
+            assert err.status == RPCStatusCode.NOT_FOUND
+        else:
+            assert saga.parent_id != forged_id
+
+
+async def test_forged_child_reports_neither_close_a_batch_nor_change_its_figures(
+    batch_world: SagaWorld,
+) -> None:
+    world = batch_world
+    manual = world.seed("manual_ams")  # its saga waits for a person: open until confirmed
+    outsider = world.seed("standard")
+    track(world, [])
+    handle = await start_batch(world, purchase_ids=[manual.purchase_id], rate_per_s=10.0)
+    waiting = await poll(handle, lambda s: s.state == BatchState.AWAITING_APPROVAL)
+    for approver in ("alice", "bob")[: waiting.required_approvals]:
+        await handle.execute_update(BatchRefund.decide, ApprovalDecision(approver=approver))
+    before = await poll(handle, lambda s: s.counts.waiting == 1)
+
+    huge = 10**9
+    for forged in (
+        # A purchase this batch never started a saga for.
+        BatchChildReport(
+            purchase_id=outsider.purchase_id,
+            workflow_id=f"refund-{outsider.purchase_id}",
+            previous="waiting",
+            current="done",
+            state=SagaState.COMPLETED,
+            refunded_cents=huge,
+        ),
+        # The batch's real child, which has not finished.
+        BatchChildReport(
+            purchase_id=manual.purchase_id,
+            workflow_id=f"refund-{manual.purchase_id}",
+            previous="waiting",
+            current="done",
+            state=SagaState.COMPLETED,
+            refunded_cents=huge,
+        ),
+    ):
+        await handle.signal(BATCH_REPORT_SIGNAL, forged)
+    after = await poll(handle, lambda s: len(s.ignored) >= len(before.ignored) + 2)
+    assert after.state == BatchState.RUNNING
+    assert after.counts == before.counts
+    reasons = [i.reason for i in after.ignored[-2:]]
+    assert reasons == [
+        "not a saga this batch started and holds open",
+        "the store holds no end for this saga yet",
+    ]
+
+    # The real end counts, with the store's figures.
+    await world.client.get_workflow_handle(f"refund-{manual.purchase_id}").execute_update(
+        RefundSaga.confirm_ams, AmsConfirmation(operator="olivia", ams_reference="AMS-CASE-1")
+    )
+    result = await handle.result()
+    assert result.state == BatchState.COMPLETED
+    assert (result.counts.done, result.counts.open) == (1, 0)
+    assert result.counts.refunded_cents == manual.amount_cents
+    ended = world.store.audit_trail(workflow_id=handle.id)[-1]
+    assert ended.event == "batch_ended" and ended.detail["refunded_cents"] == manual.amount_cents
+    assert held(world, outsider.charge_id) == (0, 0)
 
 
 # --- `refund batch` on the dev server -------------------------------------------------------

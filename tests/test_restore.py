@@ -430,3 +430,20 @@ async def test_malformed_signals_are_ignored_and_the_restore_still_decides(
     assert (await handle.result()).state == RestoreState.REJECTED
     snapshot = world.store.load_purchase(purchase.purchase_id)
     assert snapshot is not None and snapshot.progress_count == 0
+
+
+async def test_a_purge_started_by_hand_keeps_the_snapshots_inside_retention(
+    batch_world: SagaWorld,
+) -> None:
+    world = batch_world
+    _, saga = await completed_saga(world)
+    await archived_ago(world, saga, timedelta(days=1))  # the worker's retention is 30 days
+    purge = await world.client.start_workflow(
+        PurgeExpiredSnapshots.run,
+        PurgeInput(retention=timedelta(0)),
+        id=f"purge-{uuid.uuid4().hex[:6]}",
+        task_queue=world.task_queue,
+    )
+    purged = await purge.result()
+    assert world.store.archived_progress(workflow_id=saga) == 6
+    assert purged.cutoff <= await world.env.get_current_time() - timedelta(days=29)

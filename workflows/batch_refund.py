@@ -7,8 +7,12 @@ and a rate limit (children started per second, paced with durable timers on work
 
 Children report to the batch by signal, addressed to the batch's workflow id, so the reports
 reach whichever run is current: the batch never waits on a child's result, and it continues as
-new whenever its history grows, carrying only counters and its cursor, with children still in
+new whenever its history grows, carrying its counters, its cursor and the children still in
 flight. A child waiting for people (an AMS confirmation, ops) frees its window slot.
+
+Signals carry no sender, so a report is only a hint: it is taken for a saga this batch started
+and holds open, and an end counts only as the store recorded it (child_end), so the batch's
+figures and its completion come from the store, never from a report's fields.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ with workflow.unsafe.imports_passed_through():
         BATCH_REPORT_SIGNAL,
         ApprovalDecision,
         BatchApproval,
+        BatchBucket,
         BatchCarry,
+        BatchChild,
+        BatchChildEndInput,
         BatchChildReport,
         BatchCloseInput,
         BatchIssue,
@@ -62,6 +69,7 @@ with workflow.unsafe.imports_passed_through():
         SagaState,
         TimelineEntry,
         WaitingFor,
+        batch_bucket,
         format_money,
     )
     from refundsaga.search_attributes import (
@@ -137,12 +145,21 @@ class BatchRefund:
         now = workflow.now()
         # The rate limit's window: when the latest sagas started (workflow time).
         self._recent_starts: list[datetime] = []
-        if inp.carry is not None:
+        # The sagas started and not seen to end: the only ones whose reports count.
+        self._children: dict[int, BatchChild] = {}
+        info = workflow.info()
+        # A carry holds approvals and a running state: anyone can start a batch with one by
+        # hand, so it is taken only from the run this one continues. That run id belongs to
+        # this workflow id and no hand-made start (nor its cron or retry runs) can know it.
+        self._forged_carry = inp.carry is not None and (
+            info.continued_run_id is None or inp.carry.written_by_run_id != info.continued_run_id
+        )
+        if inp.carry is not None and not self._forged_carry:
             self._status = inp.carry.status.model_copy(deep=True)
             self._status.runs += 1
             self._recent_starts = list(inp.carry.recent_starts)
+            self._children = dict(inp.carry.children)
         else:
-            info = workflow.info()
             self._status = BatchStatus(
                 workflow_id=info.workflow_id,
                 # Batch ids repeat (one per product at a time): the first run names the plan.
@@ -159,6 +176,12 @@ class BatchRefund:
 
     @workflow.run
     async def run(self, inp: BatchRefundInput) -> BatchStatus:
+        if self._forged_carry:
+            self._status.error = (
+                "refused: a continue-as-new carry is accepted only from this batch's previous "
+                "run; nothing was started"
+            )
+            return await self._end(BatchState.FAILED)
         if inp.carry is None:
             try:
                 summary = await self._plan(inp)
@@ -380,6 +403,8 @@ class BatchRefund:
         counts = self._status.counts
         counts.pending -= 1
         counts.running += 1
+        # Known before the start resolves: its first report may come in the same activation.
+        self._children[item.purchase_id] = BatchChild(bucket="running", audit_mark=item.audit_mark)
         info = workflow.info()
         request = RefundRequest(
             purchase_id=item.purchase_id,
@@ -409,6 +434,7 @@ class BatchRefund:
                 ),
             )
         except WorkflowAlreadyStartedError:
+            del self._children[item.purchase_id]
             counts.running -= 1
             counts.skipped += 1
             self._issue(
@@ -421,25 +447,54 @@ class BatchRefund:
         handle.add_done_callback(_forget)
 
     @workflow.signal(name=BATCH_REPORT_SIGNAL)
-    def child_report(self, report: BatchChildReport) -> None:
+    async def child_report(self, report: BatchChildReport) -> None:
         """A child saga moved between buckets (running, waiting, needs attention, ended)."""
-        counts = self._status.counts
-        held = getattr(counts, report.previous)
-        if held <= 0 or report.workflow_id != _child_id(report.purchase_id):
-            # Not a child this batch counts where the report says: never let counts go wrong.
-            self._ignore("child_report", report.workflow_id, "no such child in that bucket")
+        pid = report.purchase_id
+        if pid not in self._children or report.workflow_id != _child_id(pid):
+            self._ignore(
+                "child_report", report.workflow_id, "not a saga this batch started and holds open"
+            )
             return
-        setattr(counts, report.previous, held - 1)
-        setattr(counts, report.current, getattr(counts, report.current) + 1)
-        if report.previous == "needs_attention" and report.purchase_id in self._status.attention:
-            self._status.attention.remove(report.purchase_id)
-        if report.current == "needs_attention" and len(self._status.attention) < MAX_LISTED:
-            self._status.attention.append(report.purchase_id)
-        if report.current == "done":
-            counts.refunded_cents += report.refunded_cents
-        if report.current == "failed":
-            self._issue(report.purchase_id, report.state.value, report.error)
+        if report.current not in ("done", "failed"):
+            self._move(pid, report.current)
+            self._set_details()
+            return
+        end = await workflow.execute_activity_method(
+            BatchActivities.child_end,
+            BatchChildEndInput(
+                workflow_id=report.workflow_id, after_event_id=self._children[pid].audit_mark
+            ),
+            start_to_close_timeout=STORE_TIMEOUT,
+            retry_policy=STORE_RETRY,
+            summary=f"read the end of {report.workflow_id}",
+        )
+        if pid not in self._children:
+            return  # an earlier report of this end was counted meanwhile
+        if not end.ended or end.state is None:
+            self._ignore(
+                "child_report", report.workflow_id, "the store holds no end for this saga yet"
+            )
+            return
+        bucket = batch_bucket(end.state)
+        self._move(pid, bucket)
+        del self._children[pid]
+        if bucket == "done":
+            self._status.counts.refunded_cents += end.refunded_cents
+        else:
+            self._issue(pid, end.state.value, end.error)
         self._set_details()
+
+    def _move(self, purchase_id: int, current: BatchBucket) -> None:
+        """Count a child in `current` instead of where this batch last counted it."""
+        child = self._children[purchase_id]
+        counts = self._status.counts
+        setattr(counts, child.bucket, getattr(counts, child.bucket) - 1)
+        setattr(counts, current, getattr(counts, current) + 1)
+        if child.bucket == "needs_attention" and purchase_id in self._status.attention:
+            self._status.attention.remove(purchase_id)
+        if current == "needs_attention" and len(self._status.attention) < MAX_LISTED:
+            self._status.attention.append(purchase_id)
+        child.bucket = current
 
     def _issue(self, purchase_id: int, outcome: str, reason: str | None) -> None:
         self._status.issues.append(
@@ -470,7 +525,13 @@ class BatchRefund:
                 window=self._input.window,
                 rate_per_s=self._input.rate_per_s,
                 starts_per_run=self._input.starts_per_run,
-                carry=BatchCarry(status=self._status, recent_starts=self._recent_starts),
+                carry=BatchCarry(
+                    batch_workflow_id=workflow.info().workflow_id,
+                    written_by_run_id=workflow.info().run_id,
+                    children=self._children,
+                    status=self._status,
+                    recent_starts=self._recent_starts,
+                ),
             )
         )
 

@@ -340,7 +340,8 @@ class PurgeExpiredSnapshots:
     async def run(self, inp: PurgeInput) -> PurgeResult:
         result: PurgeResult = await workflow.execute_activity_method(
             BatchActivities.purge_expired_snapshots,
-            PurgeCutoff(cutoff=workflow.now() - inp.retention),
+            # The activity keeps the worker's retention as a floor: the input is not trusted.
+            PurgeCutoff(cutoff=workflow.now() - inp.retention, as_of=workflow.now()),
             start_to_close_timeout=PURGE_TIMEOUT,
             retry_policy=CLOSE_RETRY,
             summary=f"purge progress snapshots older than {inp.retention}",

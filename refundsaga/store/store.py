@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -270,7 +271,11 @@ def ensure_sqlite_directory(url: str) -> None:
     """
     path = sqlite_database_path(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Purchases and the audit trail are personal data: owner only (SQLite gives its
+        # journal files the database file's mode).
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        path.chmod(0o600)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:
