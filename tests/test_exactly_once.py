@@ -249,6 +249,7 @@ async def test_a_saved_500_that_executed_is_found_and_adopted(world: SagaWorld) 
     await world.wait_for(handle, SagaState.AWAITING_APPROVAL)
     # The refund is made, then Stripe saves a 500 under the key and says not to retry.
     world.processor.set_faults(executed_saved_error_rate=1.0, paths=["/v1/refunds"])
+    world.processor.clear_requests()
     await handle.execute_update(RefundSaga.decide, ApprovalDecision(approver="bob"))
     result = await handle.result()
     world.processor.clear_faults()
@@ -290,7 +291,8 @@ async def test_a_429_storm_refunds_exactly_once(world: SagaWorld) -> None:
     purchase = world.seed("standard")
     handle = await world.start(purchase)
     await world.wait_for(handle, SagaState.AWAITING_APPROVAL)
-    world.processor.set_faults(rate_limit_rate=0.6, retry_after_s=2, seed=7, paths=["/v1/"])
+    world.processor.set_faults(rate_limit_rate=0.35, retry_after_s=2, seed=7, paths=["/v1/"])
+    world.processor.clear_requests()
     await handle.execute_update(RefundSaga.decide, ApprovalDecision(approver="bob"))
     result = await handle.result()
     limited = [r for r in world.processor.requests() if r["status"] == 429]

@@ -34,7 +34,8 @@ from workflows.refund_saga import RefundSaga
 REPO = Path(__file__).resolve().parents[1]
 BOB = generate_private_key()
 CAROL = generate_private_key()
-KEYS = {"bob": public_key_b64(BOB), "carol": public_key_b64(CAROL)}
+SAM = generate_private_key()
+KEYS = {"bob": public_key_b64(BOB), "carol": public_key_b64(CAROL), "sam": public_key_b64(SAM)}
 WF, RUN = "refund-42", "run-1"
 REAL = "<bob's real signature>"
 
@@ -163,7 +164,7 @@ async def test_the_saga_refuses_unsigned_and_forged_decisions_and_records_the_si
 ) -> None:
     world = saga_world
     purchase = world.seed("standard")
-    handle = await world.start(purchase)
+    handle = await world.start(purchase, signer=SAM)
     waiting = await world.wait_for(handle, SagaState.AWAITING_APPROVAL)
     assert waiting.plan is not None and waiting.plan.policy.approver_public_keys == KEYS
     run_id = handle.result_run_id or ""
@@ -279,7 +280,7 @@ async def test_the_cli_signs_approvals_with_the_key_file(
     bob_file, carol_file = tmp_path / "bob.pem", tmp_path / "carol.pem"
     write_private_key(BOB, bob_file)
     write_private_key(CAROL, carol_file)
-    handle = await world.start(world.seed("standard"))
+    handle = await world.start(world.seed("standard"), signer=SAM)
     await world.wait_for(handle, SagaState.AWAITING_APPROVAL)
 
     unsigned = await refund_cli(world, "approve", handle.id, "--as", "bob", key_file=None)
