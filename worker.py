@@ -27,6 +27,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.batch_activities import BatchActivities
 from activities.refund_activities import RefundActivities
+from activities.run_scope import RunScopeInterceptor
 from refundsaga.ams import HttpAmsClient
 from refundsaga.approval import policy_from_settings
 from refundsaga.contracts import processor_task_queue
@@ -127,6 +128,7 @@ def build_workers(
             workflow_task_poller_behavior=poller_behavior(settings),
             activity_task_poller_behavior=poller_behavior(settings),
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+            interceptors=[RunScopeInterceptor()],
         ),
         Worker(
             client,
@@ -136,6 +138,7 @@ def build_workers(
             max_task_queue_activities_per_second=rate,
             activity_task_poller_behavior=poller_behavior(settings),
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+            interceptors=[RunScopeInterceptor()],
         ),
     ]
 

@@ -832,6 +832,57 @@ def access(
         out.print(f"user {user} has NO access to product {product}")
 
 
+@app.command()
+def audit(
+    purchase: Annotated[int, typer.Argument(help="OASIS purchase id.", min=1)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Every audit event of every saga, batch and restore run for a purchase: who, what,
+    when, which run, and whether a signature backs it.
+
+    Example: refund audit 42 --json
+    """
+    from refundsaga.store import OasisStore
+
+    settings = load_settings()
+    store = _open_store(settings, OasisStore)
+    try:
+        events = store.purchase_audit(purchase)
+    finally:
+        store.close()
+    rows = [
+        {
+            "at": event.at.isoformat(),
+            "workflow_id": event.workflow_id,
+            "run_id": event.run_id,
+            "event": event.event,
+            "actor": event.actor,
+            "signed": bool(event.detail.get("signature")),
+            "detail": event.detail,
+        }
+        for event in events
+    ]
+    if as_json:
+        emit_json({"purchase_id": purchase, "events": rows})
+        return
+    if not rows:
+        out.print(f"no audit events for purchase {purchase}")
+        return
+    table = Table(title=f"audit trail of purchase {purchase}")
+    for column in ("at (UTC)", "workflow", "run", "event", "who", "signed"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["at"][:19],
+            escape(row["workflow_id"] or "-"),
+            (row["run_id"] or "-")[:8],
+            escape(row["event"]),
+            escape(row["actor"]),
+            "yes" if row["signed"] else "",
+        )
+    out.print(table)
+
+
 def _open_store(settings: Settings, store_cls: Any) -> Any:
     from refundsaga.store.migrate import upgrade
 

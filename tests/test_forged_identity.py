@@ -4,6 +4,11 @@ asserts that no money moved and nothing changed."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -248,3 +253,51 @@ async def test_with_signing_on_a_resolution_counts_only_signed_for_this_run(
 @pytest.fixture
 def world(saga_world: SagaWorld) -> SagaWorld:
     return saga_world
+
+
+async def test_the_audit_trail_keeps_every_run_of_a_purchases_sagas(world: SagaWorld) -> None:
+    purchase = world.seed("standard")
+    workflow_id = f"refund-{purchase.purchase_id}-{uuid.uuid4().hex[:8]}"
+    request = RefundRequest(purchase_id=purchase.purchase_id, reason="r", requested_by="sam")
+    runs = []
+    for decision in (
+        ApprovalDecision(approver="carol", approve=False),
+        ApprovalDecision(approver="bob"),
+    ):
+        # Both sagas of the purchase have the same workflow id, as `refund start` gives them.
+        handle = await world.client.start_workflow(
+            RefundSaga.run, request, id=workflow_id, task_queue=world.task_queue
+        )
+        await world.wait_for(handle, SagaState.AWAITING_APPROVAL)
+        await handle.execute_update(RefundSaga.decide, decision)
+        await handle.result()
+        runs.append(handle.result_run_id)
+
+    trail = world.store.purchase_audit(purchase.purchase_id)
+    by_run = {
+        run: [
+            e.event
+            for e in trail
+            if e.run_id == run and e.event in ("approved", "rejected", "saga_ended")
+        ]
+        for run in runs
+    }
+    assert by_run == {runs[0]: ["rejected", "saga_ended"], runs[1]: ["approved", "saga_ended"]}
+    assert {e.workflow_id for e in trail} == {workflow_id}
+
+    env = {
+        **os.environ,
+        "REFUND_DATABASE_URL": world.store.engine.url.render_as_string(hide_password=False),
+    }
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "refundsaga.cli", "audit", str(purchase.purchase_id), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)["events"]
+    assert [(e["run_id"], e["event"]) for e in printed] == [(e.run_id, e.event) for e in trail]
+    assert all(e["signed"] is False for e in printed)

@@ -250,6 +250,9 @@ class AuditEventRow(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
     # No foreign key: the trail also records attempts on purchases that do not exist.
     workflow_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    # The workflow run that wrote it (migration 0003): every saga for a purchase shares a
+    # workflow id, and a reset makes a new run.
+    run_id: Mapped[str | None] = mapped_column(String(64))
     purchase_id: Mapped[int | None] = mapped_column(Integer, index=True)
     event: Mapped[str] = mapped_column(String(64))
     actor: Mapped[str] = mapped_column(String(128))

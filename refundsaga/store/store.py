@@ -46,6 +46,7 @@ from refundsaga.store.errors import (
     PurchaseNotFound,
     StoreError,
 )
+from refundsaga.store.runs import current_run
 from refundsaga.store.schema import (
     AuditEventRow,
     CourseProgress,
@@ -155,6 +156,8 @@ _EVENTS_HELD = (
     )
     .distinct()
 )
+# Within a run: what one saga run wrote, not an earlier saga's under the same workflow id.
+_RUN_EVENTS_HELD = _EVENTS_HELD.where(AuditEventRow.run_id == bindparam("run_id"))
 _PROGRESS_ROWS = (
     select(CourseProgress.__table__)
     .where(
@@ -194,6 +197,7 @@ class AuditEvent(Record):
     workflow_id: str | None
     purchase_id: int | None
     detail: dict[str, Any]
+    run_id: str | None = None
 
 
 class RestoreRefused(StoreError):
@@ -679,7 +683,9 @@ class OasisStore:
         if revoke and status not in ("refunded", "revoked"):
             status = "revoked"
             db.execute(_SET_PURCHASE_STATUS, {"purchase_id": purchase_id, "new_status": status})
-        held = self._events_held(db, workflow_id=workflow_id, events=(event, *also))
+        held = self._events_held(
+            db, workflow_id=workflow_id, events=(event, *also), run_id=current_run()
+        )
         if event not in held:
             self._audit(
                 db,
@@ -773,7 +779,7 @@ class OasisStore:
                     "revoking; nothing was deleted"
                 )
             if deleted or not self._has_event(
-                db, workflow_id=workflow_id, event="progress_revoked"
+                db, workflow_id=workflow_id, event="progress_revoked", run_id=current_run()
             ):
                 self._audit(
                     db,
@@ -1223,6 +1229,7 @@ class OasisStore:
                 "event": event,
                 "actor": actor,
                 "workflow_id": workflow_id,
+                "run_id": current_run(),
                 "purchase_id": purchase_id,
                 "detail": detail,
             },
@@ -1252,14 +1259,20 @@ class OasisStore:
         cls._audit(db, event=event, workflow_id=workflow_id, purchase_id=purchase_id, detail=detail)
 
     @staticmethod
-    def _events_held(db: _Db, *, workflow_id: str, events: Collection[str]) -> set[str]:
-        """Which of `events` the workflow has in the trail: one query for several."""
-        params = {"workflow_id": workflow_id, "events": list(events)}
-        return set(db.scalars(_EVENTS_HELD, params))
+    def _events_held(
+        db: _Db, *, workflow_id: str, events: Collection[str], run_id: str | None = None
+    ) -> set[str]:
+        """Which of `events` the workflow (only `run_id`'s, when given) has in the trail."""
+        params = {"workflow_id": workflow_id, "events": list(events), "run_id": run_id}
+        return set(db.scalars(_EVENTS_HELD if run_id is None else _RUN_EVENTS_HELD, params))
 
     @classmethod
-    def _has_event(cls, db: _Db, *, workflow_id: str, event: str) -> bool:
-        return event in cls._events_held(db, workflow_id=workflow_id, events=(event,))
+    def _has_event(
+        cls, db: _Db, *, workflow_id: str, event: str, run_id: str | None = None
+    ) -> bool:
+        return event in cls._events_held(
+            db, workflow_id=workflow_id, events=(event,), run_id=run_id
+        )
 
     def add_audit(
         self,
@@ -1331,7 +1344,9 @@ class OasisStore:
                     also=("saga_ended",),
                 )
             else:
-                held = self._events_held(db, workflow_id=workflow_id, events=("saga_ended",))
+                held = self._events_held(
+                    db, workflow_id=workflow_id, events=("saga_ended",), run_id=current_run()
+                )
             if request_id is not None:
                 claims.release(db, purchase_id=purchase_id, request_id=request_id)
             if "saga_ended" in held:
@@ -1375,6 +1390,35 @@ class OasisStore:
                     event=row.event,
                     actor=row.actor,
                     workflow_id=row.workflow_id,
+                    run_id=row.run_id,
+                    purchase_id=row.purchase_id,
+                    detail=row.detail,
+                )
+                for row in session.scalars(statement)
+            ]
+
+    def purchase_audit(self, purchase_id: int) -> list[AuditEvent]:
+        """Everything the trail holds about a purchase: every run of every saga, restore and
+        batch that concerned it (a batch's own events name no purchase), oldest first."""
+        batches = select(RefundBatchItem.batch_id).where(RefundBatchItem.purchase_id == purchase_id)
+        statement = (
+            select(AuditEventRow)
+            .where(
+                or_(
+                    AuditEventRow.purchase_id == purchase_id,
+                    AuditEventRow.workflow_id.in_(batches),
+                )
+            )
+            .order_by(AuditEventRow.at, AuditEventRow.id)
+        )
+        with self._read() as session:
+            return [
+                AuditEvent(
+                    at=row.at,
+                    event=row.event,
+                    actor=row.actor,
+                    workflow_id=row.workflow_id,
+                    run_id=row.run_id,
                     purchase_id=row.purchase_id,
                     detail=row.detail,
                 )

@@ -1,4 +1,4 @@
-"""One refund request in flight per purchase, one saga per signed request: claims and nonces.
+"""Claims (one refund in flight per purchase), used nonces, and the run of each audit event.
 
 Revision ID: 0003
 Revises: 0002
@@ -38,9 +38,12 @@ def upgrade() -> None:
         sa.Column("used_at", TIMESTAMP, server_default=sa.func.now(), nullable=False),
         sa.PrimaryKeyConstraint("nonce", name="pk_refund_request_nonces"),
     )
+    op.add_column("audit_events", sa.Column("run_id", sa.String(64), nullable=True))
 
 
 def downgrade() -> None:
-    """Drop both tables."""
+    """Drop what upgrade added (SQLite drops a column by recreating the table)."""
+    with op.batch_alter_table("audit_events") as batch:
+        batch.drop_column("run_id")
     op.drop_table("refund_request_nonces")
     op.drop_table("refund_claims")
