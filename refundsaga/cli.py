@@ -22,7 +22,6 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
-from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
@@ -61,6 +60,7 @@ from refundsaga.signing import (
     write_private_key,
 )
 from refundsaga.temporal import TemporalUnavailable, connect, run_and_exit
+from refundsaga.terminal import json_for_terminal, markup_safe, printable, terminal_console
 
 T = TypeVar("T")
 
@@ -90,8 +90,10 @@ app.add_typer(schedules_app, name="schedules")
 keys_app = typer.Typer(help="Signing keys for attributable approvals.")
 app.add_typer(keys_app, name="keys")
 
-out = Console()
-err = Console(stderr=True)
+# Free text below is passed through `markup_safe` where it is printed; these consoles also
+# show any control character that slips through instead of sending it to the terminal.
+out = terminal_console()
+err = terminal_console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 SagaRef = Annotated[str, typer.Argument(help="Workflow id (refund-42) or purchase id (42).")]
@@ -117,8 +119,11 @@ def counts_progress(as_json: bool) -> Progress:
 
 
 def print_error(message: str) -> None:
-    # Messages quote user input (a saga ref, a value): escaped, "[/x]" is text, not markup.
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    # Messages quote user input and outside systems' errors: "[/x]" is text, not markup, and
+    # control characters are shown. Newlines stay (a stack error quotes its log's lines) but
+    # are indented, so no quoted text stands as a line of its own.
+    text = escape(printable(message, keep_newlines=True)).replace("\n", "\n  ")
+    err.print(f"[red]error:[/red] {text}", highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = ExitCode.REFUSED) -> NoReturn:
@@ -167,7 +172,7 @@ def emit_json(payload: Any) -> None:
         text = payload.model_dump_json(indent=2)
     else:
         text = json.dumps(payload, indent=2, default=str)
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(json_for_terminal(text) + "\n")
 
 
 def money(cents: int | None, currency: str | None) -> str:
@@ -180,10 +185,12 @@ def _when(value: datetime | None) -> str:
 
 def render_status(status: SagaStatus, ui_url: str) -> None:
     """The saga for a person: the plan, what it waits for, and its timeline."""
+    # Every string here may come from a raw signal or an outside system: markup_safe.
+    safe = markup_safe
     lines = [
-        f"[bold]{status.workflow_id}[/bold]  state [bold]{status.state.value}[/bold]",
+        f"[bold]{safe(status.workflow_id)}[/bold]  state [bold]{status.state.value}[/bold]",
         f"purchase {status.purchase_id}  amount {money(status.amount_cents, status.currency)}"
-        f"  requested by {status.requested_by}",
+        f"  requested by {safe(status.requested_by)}",
     ]
     if status.waiting_for:
         lines.append(
@@ -191,32 +198,37 @@ def render_status(status: SagaStatus, ui_url: str) -> None:
             f"{_when(status.waiting_since)} UTC"
         )
     if status.required_approvals is not None:
-        approved = [a.approver for a in status.approvals if a.approve]
+        approved = [safe(a.approver) for a in status.approvals if a.approve]
         lines.append(
             f"approvals {len(approved)}/{status.required_approvals}"
             + (f" ({', '.join(approved)})" if approved else "")
         )
     if status.refund.source:
+        refund_ids = ", ".join(safe(i) for i in status.refund.processor_refund_ids)
         lines.append(
             f"refund {money(status.refund.amount_cents, status.currency)} "
-            f"({status.refund.source}: {', '.join(status.refund.processor_refund_ids)})"
+            f"({safe(status.refund.source)}: {refund_ids})"
         )
     if status.progress_deleted is not None:
         lines.append(f"progress deleted {status.progress_deleted}")
-    lines.append(f"AMS {status.ams.mode}: {status.ams.state}")
+    lines.append(f"AMS {safe(status.ams.mode)}: {safe(status.ams.state)}")
     if status.access is not None:
-        access = "still has access via " + ", ".join(status.access.reasons)
+        access = "still has access via " + ", ".join(safe(r) for r in status.access.reasons)
         lines.append(f"access {'gone' if not status.access.has_access else access}")
     if status.error:
-        lines.append(f"[red]{status.error}[/red]")
+        lines.append(f"[red]{safe(status.error)}[/red]")
     for ignored in status.ignored[-3:]:
-        lines.append(f"[dim]ignored {ignored.kind} by {ignored.by}: {ignored.reason}[/dim]")
+        lines.append(
+            f"[dim]ignored {safe(ignored.kind)} by {safe(ignored.by)}: {safe(ignored.reason)}[/dim]"
+        )
     out.print(Panel("\n".join(lines), title="refund saga", expand=False))
     table = Table("time (UTC)", "step", "actor", "outcome", title="timeline")
     for entry in status.timeline:
-        table.add_row(_when(entry.at), entry.step, entry.actor, entry.outcome)
+        table.add_row(_when(entry.at), safe(entry.step), safe(entry.actor), safe(entry.outcome))
     out.print(table)
-    out.print(f"Temporal UI: {ui_url}/namespaces/default/workflows/{status.workflow_id}")
+    out.print(
+        f"Temporal UI: {safe(ui_url)}/namespaces/default/workflows/{safe(status.workflow_id)}"
+    )
 
 
 # --- support ----------------------------------------------------------------------------------
@@ -285,16 +297,17 @@ def start(
         if as_json:
             emit_json({"workflow_id": result, "state": "PREPARING"})
         else:
-            out.print(f"started {result}")
+            out.print(f"started {markup_safe(result)}")
         return
     if as_json:
         emit_json(result)
         return
-    out.print(f"started [bold]{result.workflow_id}[/bold]: {result.state.value}")
+    workflow_id = markup_safe(result.workflow_id)
+    out.print(f"started [bold]{workflow_id}[/bold]: {result.state.value}")
     if result.plan:
-        out.print(f"plan: {describe_plan(result.plan)}")
+        out.print(f"plan: {markup_safe(describe_plan(result.plan))}")
     if result.state == SagaState.AWAITING_APPROVAL:
-        out.print(f"next: an approver runs `refund approve {result.workflow_id} --as <name>`")
+        out.print(f"next: an approver runs `refund approve {workflow_id} --as <name>`")
 
 
 # --- approvers --------------------------------------------------------------------------------
@@ -355,7 +368,8 @@ def _decide(ref: str, approver: str, comment: str, approve: bool, as_json: bool)
     else:
         after = f"waiting for {required - receipt.approvals} more approval(s)"
     out.print(
-        f"{workflow_id}: {receipt.message} ({receipt.approvals}/{required} approvals); {after}"
+        f"{markup_safe(workflow_id)}: {markup_safe(receipt.message)} "
+        f"({receipt.approvals}/{required} approvals); {after}"
     )
 
 
@@ -449,9 +463,10 @@ def _approve_matching(
                 emit_json({"query": query, "matched": [e.id for e in listed], "dry_run": dry_run})
             else:
                 for execution in listed:
-                    out.print(execution.id, highlight=False)
+                    out.print(markup_safe(execution.id), highlight=False)
                 out.print(
-                    f"{len(listed)} saga(s) waiting for approval match {query}", highlight=False
+                    f"{len(listed)} saga(s) waiting for approval match {markup_safe(query)}",
+                    highlight=False,
                 )
             return False
         if yes:
@@ -480,7 +495,8 @@ def _approve_matching(
                 )
                 if not as_json and one.outcome != "approved":
                     progress.console.print(
-                        f"{one.workflow_id}: {one.outcome}: {escape(one.message)}",
+                        f"{markup_safe(one.workflow_id)}: {one.outcome}: "
+                        f"{markup_safe(one.message)}",
                         highlight=False,
                     )
 
@@ -503,7 +519,7 @@ def _approve_matching(
     else:
         out.print(
             f"{counts['approved']} approved, {counts['refused']} refused, "
-            f"{counts['failed']} failed, of {len(results)} matching {query}",
+            f"{counts['failed']} failed, of {len(results)} matching {markup_safe(query)}",
             highlight=False,
         )
     if counts["failed"]:
@@ -559,14 +575,14 @@ def pending(
     table = Table("workflow", "purchase", "amount", "requested by", "approvals", "waiting since")
     for s in statuses:
         table.add_row(
-            s.workflow_id,
+            markup_safe(s.workflow_id),
             str(s.purchase_id),
             money(s.amount_cents, s.currency),
-            s.requested_by,
+            markup_safe(s.requested_by),
             f"{sum(a.approve for a in s.approvals)}/{s.required_approvals}",
             _when(s.waiting_since),
         )
-    out.print(table if statuses else f"nothing waits for {approver}")
+    out.print(table if statuses else f"nothing waits for {markup_safe(approver)}")
 
 
 # --- everyone: status and list ------------------------------------------------------------------
@@ -674,17 +690,18 @@ def list_(
         return
     table = Table("workflow", "state", "waiting for", "purchase", "amount", "by", "started (UTC)")
     for r in rows:
+        # Search attributes are whatever the workflow's starter set: shown, not obeyed.
         table.add_row(
-            r["workflow_id"],
-            str(r["state"]),
-            str(r["waiting_for"] or "-"),
+            markup_safe(r["workflow_id"]),
+            markup_safe(r["state"]),
+            markup_safe(r["waiting_for"] or "-"),
             str(r["purchase_id"]),
             money(r["amount_cents"], None),
-            str(r["requested_by"]),
+            markup_safe(r["requested_by"]),
             r["started"][:19].replace("T", " "),
         )
     out.print(table if rows else "no sagas match")
-    out.print(f"[dim]query: {query}[/dim]")
+    out.print(f"[dim]query: {markup_safe(query)}[/dim]")
 
 
 def _parse_since(value: str) -> datetime:
@@ -734,7 +751,7 @@ def confirm_ams(
     if as_json:
         emit_json({"workflow_id": workflow_id, **receipt.model_dump(mode="json")})
     else:
-        out.print(f"{workflow_id}: {receipt.message}")
+        out.print(f"{markup_safe(workflow_id)}: {markup_safe(receipt.message)}")
 
 
 class ResolveChoice(StrEnum):
@@ -769,7 +786,10 @@ def resolve(
     if as_json:
         emit_json({"workflow_id": workflow_id, **receipt.model_dump(mode="json")})
     else:
-        out.print(f"{workflow_id}: {receipt.message}; state {receipt.state.value}")
+        out.print(
+            f"{markup_safe(workflow_id)}: {markup_safe(receipt.message)}; "
+            f"state {receipt.state.value}"
+        )
 
 
 @app.command()
@@ -827,7 +847,8 @@ def access(
     if as_json:
         emit_json(payload)
     elif decision.has_access:
-        out.print(f"user {user} HAS access to product {product} via {', '.join(decision.reasons)}")
+        reasons = ", ".join(markup_safe(r) for r in decision.reasons)
+        out.print(f"user {user} HAS access to product {product} via {reasons}")
     else:
         out.print(f"user {user} has NO access to product {product}")
 
@@ -940,12 +961,12 @@ def seed(
     for p in purchases:
         table.add_row(
             str(p.purchase_id),
-            p.scenario,
+            markup_safe(p.scenario),
             money(p.amount_cents, p.currency),
-            p.charge_id,
+            markup_safe(p.charge_id),
             str(p.user_id),
             str(p.product_id),
-            p.ams_member_id or "-",
+            markup_safe(p.ams_member_id or "-"),
         )
     out.print(table)
 
@@ -992,8 +1013,8 @@ def _render_batch_plan(plan: BatchPlan) -> None:
             money(item.amount_cents, item.currency) if item.included else "-",
             "yes" if item.already_refunded else "",
             str(item.progress_records) if item.included else "-",
-            item.ams_action if item.included else "-",
-            item.skip_reason or "",
+            markup_safe(item.ams_action) if item.included else "-",
+            markup_safe(item.skip_reason or ""),
         )
     out.print(table)
     out.print(Panel(_batch_summary_text(plan.summary), title="batch (dry run)", expand=False))
@@ -1010,14 +1031,17 @@ def _batch_summary_text(summary: BatchSummary) -> str:
         "processor: no money moves for those)",
         f"progress records to delete {summary.progress_records}",
         "entitlements: "
-        + (", ".join(f"{n} {action}" for action, n in summary.ams_actions.items()) or "none"),
+        + (
+            ", ".join(f"{n} {markup_safe(action)}" for action, n in summary.ams_actions.items())
+            or "none"
+        ),
         f"approvals needed {summary.required_approvals} (on the total)",
         f"pace: at most {summary.window} sagas at once, {summary.rate_per_s:g} started per second",
         "processor calls: "
         + (f"at most {limit:g} a second for all sagas together" if limit else "no limit")
         + " (REFUND_PROCESSOR_CALLS_PER_S)",
     ]
-    lines += [f"skipped {n}: {why}" for why, n in summary.skip_reasons.items()]
+    lines += [f"skipped {n}: {markup_safe(why)}" for why, n in summary.skip_reasons.items()]
     return "\n".join(lines)
 
 
@@ -1035,17 +1059,19 @@ def _batch_bar(status: BatchStatus) -> Table:
 def render_batch(status: BatchStatus, ui_url: str) -> None:
     """A batch for a person: plan, approvals, progress bar and counts, what needs people."""
     c = status.counts
+    safe = markup_safe
     lines = [
-        f"[bold]{status.workflow_id}[/bold]  state [bold]{status.state.value}[/bold]"
-        f"  requested by {status.requested_by}  runs {status.runs}",
+        f"[bold]{safe(status.workflow_id)}[/bold]  state [bold]{status.state.value}[/bold]"
+        f"  requested by {safe(status.requested_by)}  runs {status.runs}",
     ]
     if status.waiting_for:
         lines.append(
             f"[yellow]waiting for {status.waiting_for.value}[/yellow] since "
-            f"{_when(status.waiting_since)} UTC: refund approve {status.workflow_id} --as <name>"
+            f"{_when(status.waiting_since)} UTC: refund approve {safe(status.workflow_id)} "
+            "--as <name>"
         )
     if status.required_approvals is not None:
-        approved = [a.approver for a in status.approvals if a.approve]
+        approved = [safe(a.approver) for a in status.approvals if a.approve]
         lines.append(
             f"approvals {len(approved)}/{status.required_approvals}"
             + (f" ({', '.join(approved)})" if approved else "")
@@ -1064,7 +1090,7 @@ def render_batch(status: BatchStatus, ui_url: str) -> None:
             + " (refund resolve <saga> retry|skip|abort)"
         )
     if status.error:
-        lines.append(f"[red]{escape(status.error)}[/red]")
+        lines.append(f"[red]{safe(status.error)}[/red]")
     out.print(Panel("\n".join(lines), title="batch refund", expand=False))
     if status.summary:
         out.print(Panel(_batch_summary_text(status.summary), title="plan", expand=False))
@@ -1072,9 +1098,11 @@ def render_batch(status: BatchStatus, ui_url: str) -> None:
     if status.issues:
         table = Table("purchase", "outcome", "why", title="not simply done")
         for issue in status.issues[-20:]:
-            table.add_row(str(issue.purchase_id), issue.outcome, escape(issue.reason or ""))
+            table.add_row(str(issue.purchase_id), safe(issue.outcome), safe(issue.reason or ""))
         out.print(table)
-    out.print(f"Temporal UI: {ui_url}/namespaces/default/workflows/{status.workflow_id}")
+    out.print(
+        f"Temporal UI: {safe(ui_url)}/namespaces/default/workflows/{safe(status.workflow_id)}"
+    )
 
 
 @batch_app.callback(invoke_without_command=True)
@@ -1181,12 +1209,13 @@ def batch(
     if as_json:
         emit_json(status)
         return
-    out.print(f"started [bold]{status.workflow_id}[/bold]: {status.state.value}")
+    workflow_id = markup_safe(status.workflow_id)
+    out.print(f"started [bold]{workflow_id}[/bold]: {status.state.value}")
     if status.summary:
         out.print(Panel(_batch_summary_text(status.summary), title="plan", expand=False))
     if status.state == BatchState.AWAITING_APPROVAL:
-        out.print(f"next: an approver runs `refund approve {status.workflow_id} --as <name>`")
-    out.print(f"watch: refund batch status {status.workflow_id} --wait")
+        out.print(f"next: an approver runs `refund approve {workflow_id} --as <name>`")
+    out.print(f"watch: refund batch status {workflow_id} --wait")
 
 
 @batch_app.command("status")
@@ -1225,10 +1254,10 @@ def batch_status_(
         table = Table("batch", "state", "amount", "by", "started (UTC)")
         for r in rows:
             table.add_row(
-                r["workflow_id"],
-                str(r["state"]),
+                markup_safe(r["workflow_id"]),
+                markup_safe(r["state"]),
                 money(r["amount_cents"], None),
-                str(r["requested_by"]),
+                markup_safe(r["requested_by"]),
                 r["started"][:19].replace("T", " "),
             )
         out.print(table if rows else "no batches")
@@ -1239,7 +1268,7 @@ def batch_status_(
         if not wait:
             return await ops.batch_status(client, batch_id)
         with counts_progress(as_json) as progress:
-            task = progress.add_task(batch_id, total=None, counts="")
+            task = progress.add_task(markup_safe(batch_id), total=None, counts="")
 
             def show(status: BatchStatus) -> None:
                 c = status.counts
@@ -1247,7 +1276,7 @@ def batch_status_(
                     task,
                     total=status.summary.included if status.summary else None,
                     completed=c.done + c.failed + c.skipped,
-                    description=f"{batch_id} {status.state.value}",
+                    description=f"{markup_safe(batch_id)} {status.state.value}",
                     counts=f"running {c.running} waiting {c.waiting} "
                     f"attention {c.needs_attention} failed {c.failed}",
                 )
@@ -1275,9 +1304,10 @@ def _restore_id(ref: str) -> tuple[str, str]:
 
 
 def render_restore(status: RestoreStatus) -> None:
+    safe = markup_safe
     lines = [
-        f"[bold]{status.workflow_id}[/bold]  state [bold]{status.state.value}[/bold]",
-        f"saga {status.saga_workflow_id}  operator {status.operator}",
+        f"[bold]{safe(status.workflow_id)}[/bold]  state [bold]{status.state.value}[/bold]",
+        f"saga {safe(status.saga_workflow_id)}  operator {safe(status.operator)}",
     ]
     check = status.check
     if check and check.archived_at:
@@ -1286,7 +1316,7 @@ def render_restore(status: RestoreStatus) -> None:
             f"{check.product_id}, archived {_when(check.archived_at)} UTC, restorable until "
             f"{_when(status.expires_at)} UTC"
         )
-    approved = [a.approver for a in status.approvals if a.approve]
+    approved = [safe(a.approver) for a in status.approvals if a.approve]
     lines.append(
         f"approvals {len(approved)}/{status.required_approvals}"
         + (f" ({', '.join(approved)})" if approved else "")
@@ -1294,7 +1324,7 @@ def render_restore(status: RestoreStatus) -> None:
     if status.restored is not None:
         lines.append(f"restored {status.restored} progress record(s)")
     if status.error:
-        lines.append(f"[red]{escape(status.error)}[/red]")
+        lines.append(f"[red]{safe(status.error)}[/red]")
     out.print(Panel("\n".join(lines), title="restore progress", expand=False))
 
 
@@ -1339,8 +1369,8 @@ def restore_progress(
     render_restore(status)
     if status.state == RestoreState.AWAITING_APPROVAL:
         out.print(
-            f"next: an approver other than {operator} runs "
-            f"`refund approve {restore_id} --as <name>`"
+            f"next: an approver other than {markup_safe(operator)} runs "
+            f"`refund approve {markup_safe(restore_id)} --as <name>`"
         )
 
 
@@ -1419,7 +1449,7 @@ def worker() -> None:
 
 
 def _progress(message: str) -> None:
-    err.print(f"[dim]{message}[/dim]", highlight=False)
+    err.print(f"[dim]{markup_safe(message)}[/dim]", highlight=False)
 
 
 def _stack_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -1438,7 +1468,9 @@ def _print_components(components: list[Any], as_json: bool) -> None:
     table = Table("component", "state", "pid", "url")
     for c in components:
         color = "green" if c.state == "running" else "red"
-        table.add_row(c.name, f"[{color}]{c.state}[/{color}]", str(c.pid or "-"), c.url or "-")
+        table.add_row(
+            c.name, f"[{color}]{c.state}[/{color}]", str(c.pid or "-"), markup_safe(c.url or "-")
+        )
     out.print(table)
 
 

@@ -12,7 +12,6 @@ import asyncio
 import sys
 
 import httpx
-from rich.console import Console
 
 from refundsaga import operations as ops
 from refundsaga import stack
@@ -21,8 +20,10 @@ from refundsaga.seed import SeededPurchase, seed
 from refundsaga.settings import Settings, get_settings
 from refundsaga.store import OasisStore
 from refundsaga.temporal import connect, run_and_exit
+from refundsaga.terminal import markup_safe, terminal_console
 
-console = Console()
+# Shows, never obeys, control characters in what the stack and the saga say.
+console = terminal_console()
 
 
 def say(command: str) -> None:
@@ -95,7 +96,7 @@ def main() -> int:
     try:
         stack.up(settings, on_progress=lambda m: console.print(f"  [dim]{m}[/dim]"))
     except stack.StackError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {markup_safe(e)}")
         return 1
     try:
         say("refund seed --scenario standard")
@@ -117,7 +118,7 @@ def main() -> int:
         )
         code = asyncio.run(refund_end_to_end(settings, purchase))
     except (ops.Refused, ops.OperationError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {markup_safe(e)}")
         code = 1
     finally:
         if keep_up:

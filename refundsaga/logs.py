@@ -11,12 +11,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from temporalio import activity, workflow
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, TelemetryFilter
 
 __all__ = [
+    "CORE_LOGGER",
     "JsonFormatter",
+    "RedactingFilter",
     "RedactingFormatter",
     "TemporalContextFilter",
     "configure_logging",
+    "core_logging",
     "redact",
 ]
 
@@ -135,6 +139,38 @@ class RedactingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+class RedactingFilter(logging.Filter):
+    """Masks a record's message in place, so every handler it reaches (also one without the
+    redacting formatters, such as logging's last resort) gets the masked text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        # The SDK core's raw entry (its message and fields, unmasked) rides along as an extra.
+        vars(record).pop("temporal_log", None)
+        return True
+
+
+# The Temporal SDK core (Rust) writes its own log lines straight to stderr unless forwarded;
+# they quote workflow task failures, and so whatever a rejected input carried.
+CORE_LOGGER = logging.getLogger("temporalio.sdk_core")
+CORE_LOGGER.addFilter(RedactingFilter())
+
+
+def core_logging(
+    log_filter: TelemetryFilter | str = TelemetryFilter(core_level="WARN", other_level="ERROR"),
+) -> LoggingConfig:
+    """A runtime's logging config that sends the SDK core's lines to `CORE_LOGGER`, masked.
+
+    Args:
+        log_filter: Core levels to forward; the default is the SDK's (core WARN, other ERROR).
+    """
+    return LoggingConfig(
+        filter=log_filter,
+        forwarding=LogForwardingConfig(logger=CORE_LOGGER, append_target_to_name=False),
+    )
 
 
 def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:

@@ -1,10 +1,13 @@
-"""Prometheus metrics: the Temporal SDK's own, served at `REFUND_METRICS_ADDRESS`/metrics."""
+"""The worker's Temporal runtime: SDK core logs through Python logging (masked), and the SDK's
+Prometheus metrics served at `REFUND_METRICS_ADDRESS`/metrics when set."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+
+from refundsaga.logs import core_logging
 
 if TYPE_CHECKING:
     from refundsaga.settings import Settings
@@ -17,7 +20,8 @@ class MetricsConfigError(ValueError):
 
 
 def metrics_runtime(bind_address: str) -> Runtime:
-    """A Temporal runtime whose metrics are served for Prometheus at `bind_address`.
+    """A Temporal runtime whose metrics are served for Prometheus at `bind_address`, and whose
+    core logs go through Python logging, masked (`refundsaga.logs.core_logging`).
 
     Create one per process, before the client: the client and every worker on it report
     through the runtime the client was connected with.
@@ -32,7 +36,9 @@ def metrics_runtime(bind_address: str) -> Runtime:
         )
     try:
         return Runtime(
-            telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind_address))
+            telemetry=TelemetryConfig(
+                metrics=PrometheusConfig(bind_address=bind_address), logging=core_logging()
+            )
         )
     except Exception as err:  # the SDK's core reports a bind failure as a plain exception
         raise MetricsConfigError(
@@ -41,8 +47,9 @@ def metrics_runtime(bind_address: str) -> Runtime:
         ) from err
 
 
-def runtime_from_settings(settings: Settings) -> Runtime | None:
-    """The metrics runtime when `REFUND_METRICS_ADDRESS` is set, else None (the SDK default)."""
+def runtime_from_settings(settings: Settings) -> Runtime:
+    """The worker's runtime: the metrics runtime when `REFUND_METRICS_ADDRESS` is set, else one
+    for the core logs alone (the SDK's default runtime writes them to stderr unmasked)."""
     if not settings.metrics_address:
-        return None
+        return Runtime(telemetry=TelemetryConfig(logging=core_logging()))
     return metrics_runtime(settings.metrics_address)

@@ -108,6 +108,15 @@ class Settings(BaseSettings):
     # all decrypt (so keys can rotate).
     payload_keys: SecretStr | None = None
     codec_server_port: int = 8309
+    # The codec server decrypts for whoever calls it: callers present this as
+    # `Authorization: Bearer <token>`. No default; without one the server runs only with
+    # --insecure-local on a loopback address.
+    codec_token: SecretStr | None = None
+    # Host headers the codec server answers (`host` or `host:port`); empty: its bind host,
+    # localhost, 127.0.0.1 and [::1] at its port. Anything else is a DNS rebinding attempt.
+    codec_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The one browser origin allowed to call it: the Temporal UI's; None: REFUND_TEMPORAL_UI_URL.
+    codec_cors_origin: str | None = None
 
     # Batch refunds and restore of a mistaken revoke
     batch_window: int = Field(default=20, ge=1)
@@ -152,12 +161,32 @@ class Settings(BaseSettings):
     def _pollers(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("approvers", "operators", mode="before")
+    @field_validator("approvers", "operators", "codec_allowed_hosts", mode="before")
     @classmethod
     def _split_approvers(cls, value: object) -> object:
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @field_validator("codec_cors_origin")
+    @classmethod
+    def _one_origin(cls, value: str | None) -> str | None:
+        # A wildcard or a path would let other pages, or none, pass the CORS check.
+        if value is None:
+            return None
+        origin = value.strip().rstrip("/")
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise ValueError("must be one origin, scheme://host[:port], e.g. http://127.0.0.1:8233")
+        return origin
+
+    @property
+    def codec_ui_origin(self) -> str:
+        """The Temporal UI origin the codec server lets call it."""
+        if self.codec_cors_origin:
+            return self.codec_cors_origin
+        parts = urlsplit(self.temporal_ui_url)
+        return f"{parts.scheme}://{parts.netloc}"
 
     @model_validator(mode="after")
     def _no_sandbox_keys_outside_the_laptop(self) -> Settings:

@@ -25,12 +25,13 @@ import httpx
 from pydantic import SecretStr
 from sqlalchemy import create_engine, text
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
-from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
+from temporalio.runtime import Runtime, TelemetryConfig, TelemetryFilter
 
 from refundsaga import operations as ops
 from refundsaga import search_attributes as sa
 from refundsaga import stack
 from refundsaga.contracts import AmsConfirmation, ApprovalDecision, RefundRequest, Resolution
+from refundsaga.logs import core_logging
 from refundsaga.seed import SCENARIOS, Scenario, SeededPurchase, seed_purchase
 from refundsaga.settings import SANDBOX_AMS_KEY, SANDBOX_PROCESSOR_KEY, Settings
 from refundsaga.store import OasisStore
@@ -1254,7 +1255,8 @@ def run_chaos(config: ChaosConfig, *, stream: TextIO = sys.stderr) -> dict[str, 
     # progress lines; the harness reports what matters itself.
     quiet = TelemetryFilter(core_level="ERROR", other_level="ERROR")
     Runtime.set_default(
-        Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter=quiet))),
+        # Forwarded: what core does log (errors) goes through the masking logger, not stderr.
+        Runtime(telemetry=TelemetryConfig(logging=core_logging(quiet))),
         error_if_already_set=False,
     )
     created = config.data_dir is None

@@ -146,8 +146,14 @@ class StateFile:
         return data
 
     def save(self, state: JsonDict) -> None:
-        """Replace the file's content with `state`; a crash leaves the old or the new file."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Replace the file's content with `state`; a crash leaves the old or the new file.
+
+        The file is the owner's only (0600), and so is its directory (0700) when this creates
+        it: the state holds charges, refunds, members and saved idempotent replies.
+        """
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkstemp creates the file 0600 whatever the umask; os.replace keeps that mode, so
+        # an older, wider file is replaced by an owner-only one.
         fd, tmp_name = tempfile.mkstemp(
             dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
         )

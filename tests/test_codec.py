@@ -19,6 +19,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities.refund_activities import RefundActivities
+from refundsaga import codec as codec_module
 from refundsaga.ams import HttpAmsClient
 from refundsaga.approval import policy_from_settings
 from refundsaga.codec import (
@@ -27,6 +28,7 @@ from refundsaga.codec import (
     CodecError,
     EncryptionCodec,
     create_app,
+    default_allowed_hosts,
     new_key_entry,
     parse_keys,
 )
@@ -43,6 +45,9 @@ NEW_KEY = b"n" * 32
 OLD = f"k2026a:{base64.b64encode(OLD_KEY).decode()}"
 NEW = f"k2026b:{base64.b64encode(NEW_KEY).decode()}"
 UI = "http://127.0.0.1:8233"
+TOKEN = "t" * 43
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CODEC_URL = "http://127.0.0.1:8309"
 
 
 def plain(value: Any) -> Payload:
@@ -139,10 +144,15 @@ async def test_connect_with_malformed_keys_says_so_in_one_line() -> None:
 # --- the codec server --------------------------------------------------------------------------
 
 
-def serve_codec() -> httpx.AsyncClient:
-    """The codec server app, called in-process over ASGI."""
-    app = create_app(EncryptionCodec.from_spec(f"{NEW},{OLD}"), ui_origins=[UI])
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://codec")
+def serve_codec(token: str | None = TOKEN) -> httpx.AsyncClient:
+    """The codec server app, called in-process over ASGI as if at 127.0.0.1:8309."""
+    app = create_app(
+        EncryptionCodec.from_spec(f"{NEW},{OLD}"),
+        ui_origins=[UI],
+        token=token,
+        allowed_hosts=default_allowed_hosts("127.0.0.1", 8309),
+    )
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=CODEC_URL)
 
 
 @pytest.fixture
@@ -160,10 +170,14 @@ def from_json(body: Any) -> list[Payload]:
     return list(json_format.ParseDict(body, Payloads()).payloads)
 
 
+async def sealed_reason() -> list[Payload]:
+    return await EncryptionCodec.from_spec(OLD).encode([plain({"reason": "duplicate"})])
+
+
 async def test_the_codec_server_encodes_and_decodes_for_the_ui(
     codec_server: httpx.AsyncClient,
 ) -> None:
-    headers = {"Origin": UI, "X-Namespace": "default"}
+    headers = {"Origin": UI, "X-Namespace": "default", **AUTH}
     original = [plain({"reason": "duplicate"}), plain(7)]
     encoded = await codec_server.post("/encode", json=as_json(original), headers=headers)
     assert encoded.status_code == 200
@@ -175,30 +189,183 @@ async def test_the_codec_server_encodes_and_decodes_for_the_ui(
     assert from_json(decoded.json()) == original
 
 
+@pytest.mark.parametrize("path", ["/decode", "/encode"])
+async def test_the_codec_server_refuses_a_call_without_the_token(
+    codec_server: httpx.AsyncClient, path: str
+) -> None:
+    # Anyone who reaches the port: no plaintext back, and no ciphertext made with our key
+    # (which could be fed to a saga as a forged input).
+    response = await codec_server.post(path, json=as_json(await sealed_reason()))
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert "duplicate" not in response.text and "payloads" not in response.text
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", "Bearer ", f"Basic {TOKEN}", TOKEN, "Bearer t"],
+    ids=["longer", "shorter", "empty", "basic", "no-scheme", "prefix"],
+)
+async def test_the_codec_server_refuses_a_wrong_token(
+    codec_server: httpx.AsyncClient, authorization: str
+) -> None:
+    response = await codec_server.post(
+        "/decode", json=as_json(await sealed_reason()), headers={"Authorization": authorization}
+    )
+    assert response.status_code == 401
+    assert "duplicate" not in response.text
+
+
+async def test_the_codec_server_accepts_the_token_with_any_scheme_case(
+    codec_server: httpx.AsyncClient,
+) -> None:
+    response = await codec_server.post(
+        "/decode",
+        json=as_json(await sealed_reason()),
+        headers={"Authorization": f"bearer {TOKEN}"},
+    )
+    assert response.status_code == 200
+    assert from_json(response.json()) == [plain({"reason": "duplicate"})]
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example:8309", "127.0.0.1.evil.example:8309", "evil.example", "127.0.0.1:9999", ""],
+    ids=["rebound-name", "lookalike", "no-port", "other-port", "empty"],
+)
+async def test_the_codec_server_refuses_a_foreign_host_even_with_the_token(
+    codec_server: httpx.AsyncClient, host: str
+) -> None:
+    # DNS rebinding: a page on evil.example points its name at 127.0.0.1 and calls the port;
+    # the browser then sends its own name as Host.
+    response = await codec_server.post(
+        "/decode",
+        json=as_json(await sealed_reason()),
+        headers={"Host": host, "Origin": "http://evil.example:8309", **AUTH},
+    )
+    assert response.status_code == 421
+    assert "duplicate" not in response.text
+
+
+async def test_the_codec_server_answers_its_own_names(codec_server: httpx.AsyncClient) -> None:
+    for host in ("127.0.0.1:8309", "localhost:8309", "[::1]:8309", "LOCALHOST:8309"):
+        response = await codec_server.get("/healthz", headers={"Host": host})
+        assert response.status_code == 200, host
+
+
 async def test_the_codec_server_answers_the_ui_preflight_and_no_other_origin(
     codec_server: httpx.AsyncClient,
 ) -> None:
     preflight = {
         "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type,x-namespace",
+        "Access-Control-Request-Headers": "authorization,content-type,x-namespace",
     }
     ok = await codec_server.options("/decode", headers={"Origin": UI, **preflight})
     assert ok.status_code == 200
     assert ok.headers["access-control-allow-origin"] == UI
-    assert "x-namespace" in ok.headers["access-control-allow-headers"].lower()
-    other = await codec_server.options(
-        "/decode", headers={"Origin": "https://evil.example", **preflight}
-    )
-    assert "access-control-allow-origin" not in other.headers
+    allowed = ok.headers["access-control-allow-headers"].lower()
+    assert "x-namespace" in allowed and "authorization" in allowed
+    for origin in ("https://evil.example", "http://localhost:8233", "null"):
+        other = await codec_server.options("/decode", headers={"Origin": origin, **preflight})
+        assert "access-control-allow-origin" not in other.headers, origin
+        # And the real request, which a browser would not send after that preflight.
+        answer = await codec_server.post(
+            "/decode", json=as_json(await sealed_reason()), headers={"Origin": origin, **AUTH}
+        )
+        assert "access-control-allow-origin" not in answer.headers, origin
 
 
-async def test_the_codec_server_refuses_bad_bodies_and_unknown_keys(
-    codec_server: httpx.AsyncClient,
+async def test_the_codec_server_errors_name_no_key_id_and_echo_no_data(
+    codec_server: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert (await codec_server.post("/decode", content=b"not json")).status_code == 400
+    caplog.set_level("DEBUG")
+    bad_json = await codec_server.post(
+        "/decode", content=b'{"payloads": "secret-body"}', headers=AUTH
+    )
+    assert bad_json.status_code == 400 and "secret-body" not in bad_json.text
+    assert (
+        await codec_server.post("/decode", content=b"not json", headers=AUTH)
+    ).status_code == 400
     unknown = Payload(metadata={"encoding": ENCODING, KEY_ID: b"k1999"}, data=b"x" * 40)
-    refused = await codec_server.post("/decode", json=as_json([unknown]))
-    assert refused.status_code == 400 and "k1999" in refused.json()["error"]
+    (sealed,) = await sealed_reason()
+    tampered = Payload(
+        metadata=dict(sealed.metadata), data=sealed.data[:-1] + bytes([sealed.data[-1] ^ 1])
+    )
+    answers = []
+    for payload in (unknown, tampered):
+        refused = await codec_server.post("/decode", json=as_json([payload]), headers=AUTH)
+        assert refused.status_code == 400
+        answers.append(refused.json())
+    # One answer for an unknown key and an altered payload: no oracle for which ids exist.
+    assert answers[0] == answers[1]
+    said = json.dumps(answers) + caplog.text
+    for kid in ("k1999", "k2026a", "k2026b"):
+        assert kid not in said
+
+
+def run_codec_main(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], token: str | None
+) -> dict[str, Any]:
+    """`python -m refundsaga.codec ARGV` with uvicorn stubbed; what it would have served."""
+    served: dict[str, Any] = {}
+    monkeypatch.setenv("REFUND_PAYLOAD_KEYS", OLD)
+    if token is None:
+        monkeypatch.delenv("REFUND_CODEC_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("REFUND_CODEC_TOKEN", token)
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    codec_module.main(argv)
+    return served
+
+
+@pytest.mark.parametrize(
+    ("argv", "token", "message"),
+    [
+        ([], None, "REFUND_CODEC_TOKEN is not set"),
+        (["--insecure-local", "--host", "0.0.0.0"], None, "needs a loopback --host"),
+        (["--insecure-local", "--host", "192.168.1.5"], None, "needs a loopback --host"),
+        ([], "short", "shorter than 32"),
+    ],
+    ids=["no-token", "insecure-on-all", "insecure-on-lan", "short-token"],
+)
+def test_the_codec_server_will_not_start_open(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    token: str | None,
+    message: str,
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run_codec_main(monkeypatch, ["--port", "8309", *argv], token)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+async def test_insecure_local_serves_loopback_without_a_token_but_checks_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    served = run_codec_main(monkeypatch, ["--port", "8309", "--insecure-local"], None)
+    assert served["host"] == "127.0.0.1"
+    transport = httpx.ASGITransport(app=served["app"])
+    async with httpx.AsyncClient(transport=transport, base_url=CODEC_URL) as client:
+        body = as_json(await sealed_reason())
+        assert (await client.post("/decode", json=body)).status_code == 200
+        rebound = await client.post("/decode", json=body, headers={"Host": "evil.example:8309"})
+        assert rebound.status_code == 421
+
+
+async def test_a_configured_token_is_required_even_with_insecure_local(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    served = run_codec_main(monkeypatch, ["--port", "8309", "--insecure-local"], TOKEN)
+    transport = httpx.ASGITransport(app=served["app"])
+    async with httpx.AsyncClient(transport=transport, base_url=CODEC_URL) as client:
+        body = as_json(await sealed_reason())
+        assert (await client.post("/decode", json=body)).status_code == 401
+        assert (await client.post("/decode", json=body, headers=AUTH)).status_code == 200
 
 
 # --- a saga with encryption on the worker and the client ----------------------------------------
@@ -299,7 +466,7 @@ async def test_a_saga_runs_encrypted_and_its_history_is_ciphertext(saga_world: S
 
     # Ops with the keys read it through the codec server, as the UI would.
     async with serve_codec() as server:
-        response = await server.post("/decode", json=as_json([p for _, p in data]))
+        response = await server.post("/decode", json=as_json([p for _, p in data]), headers=AUTH)
     assert response.status_code == 200
     texts = [p.data.decode() for p in from_json(response.json())]
     assert any("encrypted duplicate" in t for t in texts)

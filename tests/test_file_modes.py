@@ -33,3 +33,21 @@ def test_the_stack_logs_and_directories_are_owner_only(tmp_path: Path) -> None:
     with private_log(logs / "worker.log") as log:
         log.write(b"line\n")
     assert mode(logs) == 0o700 and mode(logs / "worker.log") == 0o600
+
+
+def test_a_sandbox_state_file_and_its_new_directory_are_owner_only(tmp_path: Path) -> None:
+    import os
+
+    from sandboxes.common import StateFile
+
+    state = tmp_path / "data" / "processor.json"
+    previous = os.umask(0o022)  # the usual umask, which makes new directories world-readable
+    try:
+        StateFile(state).save({"charges": {"ch_1": {"amount": 2500}}})
+        assert mode(state.parent) == 0o700 and mode(state) == 0o600
+        # A file left world-readable by an older version is replaced by an owner-only one.
+        state.chmod(0o644)
+        StateFile(state).save({"charges": {}})
+        assert mode(state) == 0o600
+    finally:
+        os.umask(previous)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -199,3 +200,102 @@ def test_configure_logging_json(capsys: pytest.CaptureFixture[str]) -> None:
         workflow.logger.workflow_info_on_message = saved_flags[1]
     entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert (entry["msg"], entry["task_queue"]) == ("worker started", "q")
+
+
+# --- the Temporal SDK core's own log lines ----------------------------------------------------
+
+PERSONAL = "jane.doe@example.com"
+
+
+class Messages(logging.Handler):
+    """Keeps each record's message as a plain handler (no redacting formatter) would print it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.messages.append(self.format(record))
+
+
+@pytest.fixture
+def core_lines() -> Iterator[Messages]:
+    handler = Messages()
+    core = logging.getLogger("temporalio.sdk_core")
+    core.addHandler(handler)
+    yield handler
+    core.removeHandler(handler)
+
+
+def test_a_forwarded_core_record_is_masked_for_every_handler(core_lines: Messages) -> None:
+    from refundsaga.logs import CORE_LOGGER
+
+    # As LogForwardingConfig builds it: message with the core's fields appended, and the raw
+    # core entry as the `temporal_log` extra.
+    record = CORE_LOGGER.makeRecord(
+        CORE_LOGGER.name,
+        logging.WARNING,
+        "(sdk-core)",
+        0,
+        f"[sdk_core::worker] Failing workflow task {{'failure': 'input {PERSONAL}'}}",
+        (),
+        None,
+        extra={"temporal_log": f"raw {PERSONAL}"},
+    )
+    CORE_LOGGER.handle(record)
+    (message,) = core_lines.messages
+    assert PERSONAL not in message and "[email]" in message
+    assert not hasattr(core_lines.records[0], "temporal_log")
+    assert PERSONAL not in JsonFormatter().format(core_lines.records[0])
+
+
+async def test_the_worker_runtime_masks_core_lines_about_a_rejected_raw_input(
+    time_env: WorkflowEnvironment,
+    core_lines: Messages,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # A raw start (not through the CLI's validation) whose input carries an email: the worker
+    # fails the workflow task on decoding it, and the SDK core logs the failure with its cause.
+    from temporalio.client import Client
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    from refundsaga.metrics import runtime_from_settings
+    from refundsaga.settings import Settings
+    from workflows.refund_saga import RefundSaga
+
+    client = await Client.connect(
+        time_env.client.service_client.config.target_host,
+        namespace=time_env.client.namespace,
+        data_converter=pydantic_data_converter,
+        runtime=runtime_from_settings(Settings()),
+    )
+    task_queue = f"core-logs-{uuid.uuid4().hex[:8]}"
+    written = ""
+    async with Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[RefundSaga],
+        workflow_runner=SandboxedWorkflowRunner(),
+    ):
+        handle = await client.start_workflow(
+            "RefundSaga",
+            {"purchase_id": 1, "reason": f"refund for {PERSONAL}", "requested_by": "sam"},
+            id=f"core-logs-{uuid.uuid4().hex[:8]}",
+            task_queue=task_queue,
+        )
+        for _ in range(100):
+            written += "".join(capfd.readouterr())
+            if any("Failing workflow task" in m for m in core_lines.messages):
+                break
+            if "Failing workflow task" in written:
+                break
+            await asyncio.sleep(0.1)
+        await handle.terminate("core log test over")
+    written += "".join(capfd.readouterr())
+    assert PERSONAL not in written  # nothing unmasked straight to stderr
+    failing = [m for m in core_lines.messages if "Failing workflow task" in m]
+    assert failing, "the core's warning did not reach Python logging"
+    assert all(PERSONAL not in m for m in core_lines.messages)
+    assert any("[email]" in m for m in failing)
