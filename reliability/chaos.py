@@ -36,6 +36,18 @@ from refundsaga.seed import SCENARIOS, Scenario, SeededPurchase, seed_purchase
 from refundsaga.settings import SANDBOX_AMS_KEY, SANDBOX_PROCESSOR_KEY, Settings
 from refundsaga.store import OasisStore
 from refundsaga.temporal import connect, run_and_exit
+from reliability import faults as ext
+from reliability.faults import (
+    FAULT_KINDS,
+    OUTAGE,
+    PROFILES,
+    ProfileWindow,
+    PruneRecord,
+    ResetRecord,
+    endpoint,
+    fault_counts,
+    sandbox_admin,
+)
 
 __all__ = [
     "ChaosConfig",
@@ -87,37 +99,8 @@ POLICY_ENV = {
 }
 PROCESSES = ("temporal", "processor", "ams", "worker")
 COUNTED_STATUSES = ("succeeded", "pending", "requires_action")
-FAULT_KINDS = ("error", "timeout", "drop", "lost_response")
 POLL_S = 1.0
 MAX_RESOLUTIONS = 5
-REQUEST_LOG_SIZE = 10_000  # the sandboxes keep this many requests (sandboxes.common)
-
-# Fault profiles the sandboxes rotate through, each drawn from the harness's seeded generator.
-# Every profile faults 10-30% of requests, so even a small run sees faults; rates stay well
-# below 1 so that STEP_RETRY's 8 attempts almost always get through: the AMS outage is what
-# sends sagas to NEEDS_ATTENTION.
-FaultProfile = Callable[[random.Random], dict[str, Any]]
-PROFILES: dict[str, FaultProfile] = {
-    "errors": lambda r: {"error_rate": round(r.uniform(0.15, 0.3), 3)},
-    "hangs": lambda r: {
-        "timeout_rate": round(r.uniform(0.1, 0.2), 3),
-        "hang_ms": r.randint(1_000, 5_000),
-    },
-    "drops": lambda r: {
-        "drop_rate": round(r.uniform(0.06, 0.12), 3),
-        "lost_response_rate": round(r.uniform(0.08, 0.15), 3),
-    },
-    "slow": lambda r: {"latency_ms": r.randint(150, 600), "error_rate": 0.1},
-    "mixed": lambda r: {
-        "error_rate": 0.08,
-        "timeout_rate": 0.04,
-        "drop_rate": 0.04,
-        "lost_response_rate": 0.06,
-        "latency_ms": 40,
-        "hang_ms": r.randint(1_000, 5_000),
-    },
-}
-OUTAGE = {"error_rate": 1.0}
 
 
 # -- what the harness asked for, what it found, and the checks ------------------------------
@@ -385,11 +368,19 @@ def check_chaos(
     faults: int,
     outage: bool,
     errors: Sequence[str] = (),
+    missing: Sequence[str] = (),
 ) -> Invariant:
-    """The chaos the run promised happened: a quiet run must not pass for a resilient one."""
-    invariant = Invariant("chaos_happened", "the planned kills, restarts and faults happened")
+    """The chaos the run promised happened: a quiet run must not pass for a resilient one.
+
+    Args:
+        missing: Breaches found elsewhere, e.g. by `faults.check_resets_and_prunes`.
+    """
+    invariant = Invariant(
+        "chaos_happened", "the planned kills, restarts, resets, key prunings and faults happened"
+    )
     invariant.checked = 1
     invariant.breaches.extend(f"chaos schedule: {error}" for error in errors)
+    invariant.breaches.extend(missing)
     if kills != planned_kills:
         invariant.breaches.append(f"{kills} worker kills, {planned_kills} planned")
     if temporal_restarts != 1:
@@ -412,6 +403,8 @@ class ChaosConfig:
     seed: int
     concurrency: int = 30
     kills: int | None = None
+    resets: int | None = None
+    prunes: int = 2
     outage_s: float = 150.0
     reject_rate: float = 0.12
     timeout_s: float | None = None
@@ -421,6 +414,10 @@ class ChaosConfig:
     @property
     def planned_kills(self) -> int:
         return self.kills if self.kills is not None else max(2, round(self.n / 50))
+
+    @property
+    def planned_resets(self) -> int:
+        return ext.planned_resets(self.n, self.resets)
 
     @property
     def budget_s(self) -> float:
@@ -500,15 +497,6 @@ def plan_choices(n: int, rng: random.Random, reject_rate: float) -> list[_Choice
     return choices
 
 
-def sandbox_admin(settings: Settings, sandbox: str) -> tuple[str, dict[str, str]]:
-    """A sandbox's URL and the headers its admin API needs (its bearer key)."""
-    if sandbox == "processor":
-        url, key = settings.processor_url, settings.processor_api_key
-    else:
-        url, key = settings.ams_url, settings.ams_api_key
-    return url, {"Authorization": f"Bearer {key.get_secret_value()}"}
-
-
 def seed_all(settings: Settings, choices: Sequence[_Choice], say: Reporter) -> list[SagaPlan]:
     """Seed one purchase per planned saga in the store and both sandboxes."""
     plans: list[SagaPlan] = []
@@ -569,24 +557,19 @@ class SagaRun:
     started_at: float | None = None
     ended_at: float | None = None
     decided: int = 0
+    approved: bool = False
     required_approvals: int | None = None
     confirmed: bool = False
     resolutions: int = 0
     settled: bool = False
     parked: bool = False
     end_state: str | None = None
+    end_run_id: str | None = None
     last_state: str | None = None
     error: str | None = None
     saga_ams_state: str | None = None
     attention: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ProfileWindow:
-    sandbox: str
-    start: float
-    latency_ms: int
 
 
 @dataclass
@@ -596,6 +579,8 @@ class RunRecord:
     kills: int = 0
     temporal_restarts: int = 0
     restarts: list[RestartRecord] = field(default_factory=list)
+    resets: list[ResetRecord] = field(default_factory=list)
+    prunes: list[PruneRecord] = field(default_factory=list)
     outage: bool = False
     profiles_applied: int = 0
     windows: list[ProfileWindow] = field(default_factory=list)
@@ -619,6 +604,11 @@ class Harness:
         self.plans = list(plans)
         self.say = say
         self.runs = [SagaRun() for _ in plans]
+        # A poll and its action, or a reset, at a time per saga: a reset never lands between
+        # the harness seeing a run end and recording its end.
+        self.locks = [asyncio.Lock() for _ in plans]
+        self.followers: list[asyncio.Task[None]] = []  # sagas reset after their driver ended
+        self.reset_indexes: set[int] = set()
         self.record = RunRecord()
         self.rng = random.Random(config.seed * 7919 + 1)  # chaos schedule and fault profiles
         self.jitter = random.Random(config.seed)  # poll jitter: keeps pollers out of lockstep
@@ -683,10 +673,10 @@ class Harness:
             self.say(f"faults cleared; resolving {parked} saga(s) in NEEDS_ATTENTION with retry")
             self.cleared.set()
             remaining = max(5.0, self.deadline - time.monotonic())
-            _, pending = await asyncio.wait(drivers, timeout=remaining)
+            _, pending = await asyncio.wait([*drivers, *self.followers], timeout=remaining)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*drivers, return_exceptions=True)
+            await asyncio.gather(*drivers, *self.followers, return_exceptions=True)
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
             self.say(self.status_line())
@@ -709,13 +699,18 @@ class Harness:
                     raise
                 await asyncio.sleep(self.jitter.uniform(0.5, 2.0))
 
-    async def drive(self, plan: SagaPlan) -> None:
+    async def drive(self, plan: SagaPlan, *, reset: bool = False) -> None:
+        """Start a saga and follow it to its end; after a reset, follow its new run only."""
         run = self.runs[plan.index]
         try:
-            async with self.slots:
-                await self.start(plan, run)
-                if await self.follow(plan, run, park=True):
-                    return
+            if reset:
+                ended = await self.follow(plan, run, park=True)
+            else:
+                async with self.slots:
+                    await self.start(plan, run)
+                    ended = await self.follow(plan, run, park=True)
+            if ended:
+                return
             await self.cleared.wait()
             await self.follow(plan, run, park=False)
         except Exception as err:
@@ -741,34 +736,38 @@ class Harness:
         """Poll the saga and act on what it waits for; True once it ended, False when parked."""
         handle = self.client.get_workflow_handle(plan.workflow_id)
         while time.monotonic() < self.deadline:
-            description: WorkflowExecutionDescription = await self.call(
-                handle.describe, timeout_s=10
-            )
-            if description.status != WorkflowExecutionStatus.RUNNING:
-                await self.finish(plan, run, description)
-                return True
-            state = description.typed_search_attributes.get(sa.REFUND_STATE)
-            run.last_state = state
-            if state == "AWAITING_APPROVAL" and run.required_approvals != run.decided:
-                await self.approve(plan, run)
-            elif state == "AWAITING_AMS_CONFIRMATION" and not run.confirmed:
-                await self.confirm(plan, run)
-            elif state == "NEEDS_ATTENTION":
-                status = await self.call(
-                    functools.partial(ops.get_status, self.client, plan.workflow_id), timeout_s=20
+            async with self.locks[plan.index]:
+                description: WorkflowExecutionDescription = await self.call(
+                    handle.describe, timeout_s=10
                 )
-                if status.error and (not run.attention or run.attention[-1] != status.error):
-                    run.attention.append(status.error)
-                if park and not self.cleared.is_set():
-                    if not run.parked:
-                        run.parked = True
-                        self.settle(run)
-                        self.say(f"{plan.workflow_id} waits for ops: {status.error}")
-                    return False
-                if run.resolutions >= MAX_RESOLUTIONS:
-                    run.problems.append(f"still NEEDS_ATTENTION after {run.resolutions} retries")
+                if description.status != WorkflowExecutionStatus.RUNNING:
+                    await self.finish(plan, run, description)
                     return True
-                await self.resolve(plan, run)
+                state = description.typed_search_attributes.get(sa.REFUND_STATE)
+                run.last_state = state
+                if state == "AWAITING_APPROVAL" and run.required_approvals != run.decided:
+                    await self.approve(plan, run)
+                elif state == "AWAITING_AMS_CONFIRMATION" and not run.confirmed:
+                    await self.confirm(plan, run)
+                elif state == "NEEDS_ATTENTION":
+                    status = await self.call(
+                        functools.partial(ops.get_status, self.client, plan.workflow_id),
+                        timeout_s=20,
+                    )
+                    if status.error and (not run.attention or run.attention[-1] != status.error):
+                        run.attention.append(status.error)
+                    if park and not self.cleared.is_set():
+                        if not run.parked:
+                            run.parked = True
+                            self.settle(run)
+                            self.say(f"{plan.workflow_id} waits for ops: {status.error}")
+                        return False
+                    if run.resolutions >= MAX_RESOLUTIONS:
+                        run.problems.append(
+                            f"still NEEDS_ATTENTION after {run.resolutions} retries"
+                        )
+                        return True
+                    await self.resolve(plan, run)
             await asyncio.sleep(POLL_S * self.jitter.uniform(0.7, 1.3))
         run.problems.append(f"not ended within the budget; last state {run.last_state}")
         return True
@@ -807,7 +806,8 @@ class Harness:
                     break
             run.decided += 1
             self.record.decisions += 1
-        if run.decided >= required:
+        if run.decided >= required and not run.approved:
+            run.approved = True  # counted once: a reset run may need its decisions again
             self.decided += 1
 
     async def confirm(self, plan: SagaPlan, run: SagaRun) -> None:
@@ -824,6 +824,8 @@ class Harness:
                 functools.partial(ops.get_status, self.client, plan.workflow_id), timeout_s=20
             )
             if status.ams.state != "confirmed":
+                if status.state.value != "AWAITING_AMS_CONFIRMATION":
+                    return  # a reset run not there yet (its listed state lags): confirm later
                 run.problems.append(f"AMS confirmation refused: {err}")
         run.confirmed = True
         self.record.confirmations += 1
@@ -842,6 +844,7 @@ class Harness:
         self, plan: SagaPlan, run: SagaRun, description: WorkflowExecutionDescription
     ) -> None:
         run.ended_at = time.monotonic()
+        run.end_run_id = description.run_id
         if description.status == WorkflowExecutionStatus.COMPLETED:
             status = await self.call(
                 functools.partial(ops.get_status, self.client, plan.workflow_id), timeout_s=20
@@ -857,7 +860,8 @@ class Harness:
     # -- chaos ------------------------------------------------------------------------------
 
     async def chaos_schedule(self) -> None:
-        """Kill the worker, restart Temporal and take the AMS down at seeded progress marks."""
+        """Kill the worker, restart Temporal, take the AMS down, reset sagas and let the
+        processor forget its keys, at seeded progress marks."""
         total = 3 * len(self.plans)
         actions = [
             (self.rng.uniform(0.08, 0.85) * total, "kill") for _ in range(self.config.planned_kills)
@@ -865,6 +869,11 @@ class Harness:
         actions.append((self.rng.uniform(0.25, 0.6) * total, "temporal"))
         if self.config.outage_s > 0:
             actions.append((self.rng.uniform(0.1, 0.3) * total, "outage"))
+        marks = ext.reset_marks(self.rng, total, self.config.planned_resets)
+        actions.extend((mark, "reset-ended" if ended else "reset") for mark, ended in marks)
+        actions.extend(
+            (self.rng.uniform(0.1, 0.7) * total, "prune") for _ in range(self.config.prunes)
+        )
         actions.sort()
         outage: asyncio.Task[None] | None = None
         for mark, action in actions:
@@ -876,6 +885,10 @@ class Harness:
                 await self.kill_worker()
             elif action == "temporal":
                 await self.restart_temporal()
+            elif action.startswith("reset"):
+                await self.reset_saga(prefer_ended=action == "reset-ended")
+            elif action == "prune":
+                await self.prune_keys()
             else:
                 outage = asyncio.create_task(self.ams_outage())
         if outage is not None:
@@ -943,6 +956,58 @@ class Harness:
         self.record.temporal_restarts += 1
         restarted = self.record.restarts[-1].restarted
         self.say(f"Temporal restarted (restarted: {', '.join(restarted) or 'nothing'})")
+
+    async def reset_saga(self, *, prefer_ended: bool) -> None:
+        """Press Reset on an approved saga, as ops do in the Temporal UI; follow the new run.
+
+        The new run must end as the old one was to. A saga of the kind preferred (ended or
+        still running) is awaited for 20 s, then any approved saga will do.
+        """
+        index, tries = None, 0
+        while index is None:
+            candidates = [
+                (i, r.end_state is not None)
+                for i, r in enumerate(self.runs)
+                if r.approved and not self.plans[i].reject
+            ]
+            index = ext.pick_reset_target(
+                self.rng,
+                candidates,
+                prefer_ended=prefer_ended,
+                strict=tries < 40,
+                already_reset=self.reset_indexes,
+            )
+            tries += 1
+            await asyncio.sleep(0 if index is not None else 0.5)
+        plan, run = self.plans[index], self.runs[index]
+        async with self.locks[index]:
+            record = await ext.reset_saga(
+                self.client,
+                plan.workflow_id,
+                call=lambda make: self.call(make, timeout_s=20),
+                clock=self.say.elapsed,
+            )
+            ended = run.end_state is not None
+            run.end_state = run.ended_at = run.end_run_id = None
+            run.decided, run.confirmed = 0, False  # re-applied by Temporal, else decided again
+            self.reset_indexes.add(index)
+            self.record.resets.append(record)
+        self.say(f"{plan.workflow_id} reset from {record.state}: new run {record.new_run_id}")
+        if ended:
+            self.followers.append(asyncio.create_task(self.drive(plan, reset=True)))
+
+    async def prune_keys(self) -> None:
+        url, headers = sandbox_admin(self.settings, "processor")
+        record = await ext.prune_keys(
+            self.http,
+            url,
+            headers,
+            in_flight=lambda: sum(1 for r in self.runs if r.started_at and not r.end_state),
+            waiting_for_ops=lambda: sum(1 for r in self.runs if r.parked and not r.end_state),
+            clock=self.say.elapsed,
+        )
+        self.record.prunes.append(record)
+        self.say(f"processor forgot its idempotency keys (clock +1 day): {self.status_line()}")
 
     async def ams_outage(self) -> None:
         self.outage_active = True
@@ -1084,60 +1149,6 @@ def collect_facts(
     return facts
 
 
-def endpoint(method: str, path: str) -> str:
-    """A request's endpoint with identifiers replaced, e.g. `GET /v1/charges/{charge}`."""
-    parts = path.strip("/").split("/")
-    names = {"charges": "{charge}", "refunds": "{refund}", "members": "{member}"}
-    shape = []
-    for i, part in enumerate(parts):
-        previous = parts[i - 1] if i else ""
-        if previous in names:
-            shape.append(names[previous])
-        elif previous == "entitlements":
-            shape.append("{product}")
-        else:
-            shape.append(part)
-    return f"{method} /{'/'.join(shape)}"
-
-
-def fault_counts(settings: Settings, windows: Sequence[ProfileWindow]) -> dict[str, dict[str, Any]]:
-    """Injected faults per sandbox and kind, from the sandboxes' request logs."""
-    counts: dict[str, dict[str, Any]] = {}
-    with httpx.Client(timeout=10.0, trust_env=False) as http:
-        for sandbox in ("processor", "ams"):
-            url, headers = sandbox_admin(settings, sandbox)
-            response = http.get(f"{url}/_sandbox/requests", headers=headers)
-            response.raise_for_status()
-            entries: list[dict[str, Any]] = response.json()
-            kinds = Counter(e["fault"] for e in entries if e.get("fault"))
-            mine = sorted((w for w in windows if w.sandbox == sandbox), key=lambda w: w.start)
-
-            def latency_at(ts: float, mine: list[ProfileWindow] = mine) -> int:
-                current = 0
-                for window in mine:
-                    if window.start > ts:
-                        break
-                    current = window.latency_ms
-                return current
-
-            delayed = sum(1 for e in entries if latency_at(float(e["ts"])) > 0)
-            by_endpoint: dict[str, Counter[str]] = {}
-            for e in entries:
-                counter = by_endpoint.setdefault(endpoint(e["method"], e["path"]), Counter())
-                counter["requests"] += 1
-                if e.get("fault"):
-                    counter[e["fault"]] += 1
-            counts[sandbox] = {
-                "requests": len(entries),
-                **{kind: kinds.get(kind, 0) for kind in FAULT_KINDS},
-                "delayed": delayed,
-                "by_endpoint": {name: dict(c) for name, c in sorted(by_endpoint.items())},
-                # The log keeps the last REQUEST_LOG_SIZE requests: beyond, counts are a floor.
-                "log_truncated": len(entries) >= REQUEST_LOG_SIZE,
-            }
-    return counts
-
-
 def _percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return 0.0
@@ -1182,6 +1193,7 @@ def build_report(
             "stack_restarts": sum(1 for r in record.restarts if r.restarted),
             "temporal_restarts": record.temporal_restarts,
             "restarts": [asdict(r) for r in record.restarts],
+            **ext.report(record.resets, record.prunes, config.planned_resets),
             "ams_outage_s": config.outage_s if record.outage else 0,
             "fault_profiles_applied": record.profiles_applied,
             "faults_cleared_at_s": record.cleared_at_s,
@@ -1212,6 +1224,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"  chaos:       {chaos['worker_kills']} worker kills, {chaos['stack_restarts']} restarts "
         f"({chaos['temporal_restarts']} of Temporal), AMS outage {chaos['ams_outage_s']:.0f}s, "
         f"{chaos['fault_profiles_applied']} fault profiles",
+        ext.table_line(chaos),
         "  faults:      "
         + ", ".join(f"{kind} {count}" for kind, count in faults.items())
         + " | "
@@ -1295,6 +1308,16 @@ def run_chaos(config: ChaosConfig, *, stream: TextIO = sys.stderr) -> dict[str, 
                     faults=sum(int(c[k]) for c in faults.values() for k in FAULT_KINDS),
                     outage=record.outage or config.outage_s <= 0,
                     errors=record.chaos_errors,
+                    missing=ext.check_resets_and_prunes(
+                        resets=record.resets,
+                        planned_resets=config.planned_resets,
+                        prunes=record.prunes,
+                        planned_prunes=config.prunes,
+                        end_runs={
+                            p.workflow_id: r.end_run_id
+                            for p, r in zip(plans, harness.runs, strict=True)
+                        },
+                    ),
                 ),
             ]
             timings["check"] = time.monotonic() - mark
@@ -1321,8 +1344,9 @@ def run_chaos(config: ChaosConfig, *, stream: TextIO = sys.stderr) -> dict[str, 
 def parse_args(argv: Sequence[str] | None) -> tuple[ChaosConfig, bool]:
     parser = argparse.ArgumentParser(
         prog="python -m reliability.chaos",
-        description="Run refund sagas on a private stack under faults, worker kills and a "
-        "Temporal restart, then check the invariants; exit 1 on any breach.",
+        description="Run refund sagas on a private stack under faults, worker kills, a "
+        "Temporal restart, resets and key pruning, then check the invariants; exit 1 on any "
+        "breach.",
         epilog="example: python -m reliability.chaos --n 30 --seed 1 --json",
     )
     parser.add_argument("--n", type=int, default=30, help="sagas to run (default 30)")
@@ -1332,6 +1356,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ChaosConfig, bool]:
     parser.add_argument("--keep", action="store_true", help="keep the temp data dir")
     parser.add_argument("--concurrency", type=int, default=30, help="sagas driven at once")
     parser.add_argument("--kills", type=int, help="worker kills (default max(2, n/50))")
+    parser.add_argument("--resets", type=int, help="sagas reset by ops (default max(2, n/20))")
+    parser.add_argument(
+        "--prunes", type=int, default=2, help="processor clock jumps past 24 h (default 2)"
+    )
     parser.add_argument(
         "--outage-s", type=float, default=150.0, help="AMS outage length, 0 for none (default 150)"
     )
@@ -1339,11 +1367,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ChaosConfig, bool]:
     args = parser.parse_args(argv)
     if args.n < 1 or args.concurrency < 1:
         parser.error("--n and --concurrency must be at least 1")
+    if (args.resets is not None and args.resets < 0) or args.prunes < 0:
+        parser.error("--resets and --prunes must not be negative")
     config = ChaosConfig(
         n=args.n,
         seed=args.seed,
         concurrency=args.concurrency,
         kills=args.kills,
+        resets=args.resets,
+        prunes=args.prunes,
         outage_s=args.outage_s,
         timeout_s=args.timeout_s,
         data_dir=args.data_dir,

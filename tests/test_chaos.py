@@ -224,6 +224,15 @@ def test_a_run_without_chaos_does_not_pass() -> None:
         kills=2, planned_kills=2, temporal_restarts=1, faults=9, outage=True, errors=["boom"]
     )
     assert failed.breaches == ["chaos schedule: boom"]
+    unreset = check_chaos(
+        kills=2,
+        planned_kills=2,
+        temporal_restarts=1,
+        faults=9,
+        outage=True,
+        missing=["0 resets, 2 planned"],
+    )
+    assert unreset.breaches == ["0 resets, 2 planned"]
 
 
 def test_the_report_says_breached_and_names_the_saga() -> None:
@@ -257,7 +266,8 @@ def test_endpoints_hide_identifiers() -> None:
 @pytest.mark.devserver
 def test_a_small_chaos_run_holds_every_invariant(tmp_path: Path) -> None:
     # Small enough for CI: 12 sagas (two per scenario), two worker kills, one Temporal restart,
-    # faults on both sandboxes, no AMS outage (it alone would take minutes).
+    # two resets, two key prunings, faults on both sandboxes, no AMS outage (it alone would
+    # take minutes).
     done = subprocess.run(
         [
             sys.executable,
@@ -287,4 +297,10 @@ def test_a_small_chaos_run_holds_every_invariant(tmp_path: Path) -> None:
     assert set(report["scenarios"]) == set(_SOURCES)
     assert report["chaos"]["worker_kills"] == 2
     assert report["chaos"]["temporal_restarts"] == 1
+    # A reset run ends as its original would have, on the same refund: the invariants above
+    # hold for it; these say the resets and the key pruning did happen.
+    chaos = report["chaos"]
+    assert chaos["resets"] == chaos["planned_resets"] == 2
+    assert all(r["new_run_id"] != r["old_run_id"] for r in chaos["reset_list"])
+    assert chaos["key_prunes"] == 2 and any(p["in_flight"] for p in chaos["prunes"])
     assert sum(report["faults"]["total"][k] for k in ("error", "timeout", "drop", "lost_response"))
