@@ -9,8 +9,10 @@ from refundsaga.contracts import (
     ApprovalDecision,
     ApprovalPolicy,
     ApprovalRecord,
+    BatchRefundInput,
     RefundRequest,
     Resolution,
+    RestoreRequest,
 )
 from refundsaga.settings import Settings
 from refundsaga.signing import (
@@ -69,18 +71,27 @@ def signing_on(policy: ApprovalPolicy) -> bool:
 
 
 def start_refusal(
-    policy: ApprovalPolicy, *, workflow_id: str, request: RefundRequest
+    policy: ApprovalPolicy,
+    *,
+    workflow_id: str,
+    request: RefundRequest | BatchRefundInput | RestoreRequest,
 ) -> str | None:
-    """Why a refund request may not start, or None. With signing on, `requested_by` counts only
-    when the request is signed by that person's key for this saga."""
+    """Why a request may not start, or None. With signing on, the person it names (its
+    requester, or a restore's operator) counts only when the request is signed by that
+    person's key for this workflow id."""
+    if isinstance(request, RestoreRequest):
+        if policy.operators is not None and request.operator not in policy.operators:
+            return f"{request.operator} is not on the operator allowlist (REFUND_OPERATORS)"
+        who = request.operator
+    else:
+        who = request.requested_by
     if not signing_on(policy):
         return None
-    who = request.requested_by
     key = policy.approver_public_keys.get(who)
     if key is None:
         return f"{who} has no public key configured (REFUND_APPROVER_PUBLIC_KEYS)"
     if not request.signature:
-        return f"the request is not signed: {who} starts refunds with REFUND_SIGNING_KEY_FILE set"
+        return f"the request is not signed: {who} signs with REFUND_SIGNING_KEY_FILE set"
     if not verify_request(key, workflow_id, request):
         return f"the request's signature is not {who}'s for {workflow_id}"
     return None

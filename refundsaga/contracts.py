@@ -500,6 +500,8 @@ class BatchApproval(Message):
     batch_workflow_id: str = Field(pattern=WORKFLOW_ID_PATTERN)
     approvals: list[ApprovalRecord]
     max_amount_cents: int = Field(ge=0, description="What the batch approved for this purchase")
+    # The batch run the approvals were signed for, so each child can check the signatures.
+    approval_run_id: str | None = None
 
 
 # A saga reports itself to an approved batch in one of these buckets, by this signal.
@@ -704,6 +706,9 @@ class BatchRefundInput(Message):
     rate_per_s: float | None = Field(default=None, gt=0, le=1_000)
     starts_per_run: int = Field(default=250, ge=1, le=5_000)
     carry: BatchCarry | None = None
+    # With signing on, the requester signs the batch (refundsaga.signing.sign_request).
+    nonce: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    signature: str | None = Field(default=None, pattern=SIGNATURE_PATTERN)
 
     @field_validator("reason")
     @classmethod
@@ -780,6 +785,9 @@ class RestoreRequest(Message):
     saga_workflow_id: str = Field(pattern=WORKFLOW_ID_PATTERN)
     operator: str = Field(pattern=ACTOR_PATTERN)
     reason: str = Field(min_length=1, max_length=500)
+    # With signing on, the operator signs the request (refundsaga.signing.sign_request).
+    nonce: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    signature: str | None = Field(default=None, pattern=SIGNATURE_PATTERN)
 
     @field_validator("reason")
     @classmethod

@@ -59,7 +59,7 @@ from refundsaga.contracts import (
 )
 from refundsaga.processor import ProcessorClient, ProcessorError
 from refundsaga.settings import Settings
-from refundsaga.signing import SigningError, load_private_key, sign_request
+from refundsaga.signing import SigningError, StartRequest, load_private_key, sign_request
 from refundsaga.store import OasisStore
 from workflows.batch_refund import BatchRefund
 from workflows.refund_saga import RefundSaga, shape_memo
@@ -89,6 +89,18 @@ def resolve_workflow_id(ref: str) -> str:
     return ref
 
 
+def _signed(settings: Settings, workflow_id: str, request: StartRequest) -> StartRequest:
+    """The request signed with REFUND_SIGNING_KEY_FILE when it is set: with signing on, the
+    workflow believes the person a request names only from this signature."""
+    if settings.signing_key_file is None:
+        return request
+    try:
+        key = load_private_key(settings.signing_key_file)
+    except SigningError as err:
+        raise Refused(f"REFUND_SIGNING_KEY_FILE: {err}") from err
+    return sign_request(key, workflow_id, request)
+
+
 async def start_refund(
     client: Client, settings: Settings, request: RefundRequest, *, pin_shape: bool = True
 ) -> WorkflowHandle[RefundSaga, SagaStatus]:
@@ -100,13 +112,7 @@ async def start_refund(
     if request.batch_approval is not None:
         raise Refused("a batch approval is given by `refund batch`, not by a single start")
     workflow_id = workflow_id_for(request.purchase_id)
-    if settings.signing_key_file is not None:
-        # With signing on, the saga believes `requested_by` only from this signature.
-        try:
-            key = load_private_key(settings.signing_key_file)
-        except SigningError as err:
-            raise Refused(f"REFUND_SIGNING_KEY_FILE: {err}") from err
-        request = sign_request(key, workflow_id, request)
+    request = _signed(settings, workflow_id, request)
     amount = (
         "the unrefunded rest" if request.amount_cents is None else f"{request.amount_cents} cents"
     )
@@ -423,6 +429,7 @@ async def start_batch(
 ) -> WorkflowHandle[BatchRefund, BatchStatus]:
     """Start a batch, refused when one is already running for the same product or list."""
     workflow_id = batch_id_for(product_id=inp.product_id, purchase_ids=inp.purchase_ids or ())
+    inp = _signed(settings, workflow_id, inp)
     what = (
         f"product {inp.product_id}"
         if inp.product_id is not None
@@ -586,6 +593,7 @@ async def start_restore(
 ) -> WorkflowHandle[RestoreProgress, RestoreStatus]:
     """Start a restore of a saga's archived progress; refused while one runs for it."""
     workflow_id = restore_id_for(request.saga_workflow_id)
+    request = _signed(settings, workflow_id, request)
     try:
         return await client.start_workflow(
             RestoreProgress.run,

@@ -7,6 +7,7 @@ import binascii
 import json
 import os
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -15,11 +16,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from refundsaga.contracts import AmsConfirmation, ApprovalDecision, RefundRequest, Resolution
+from refundsaga.contracts import (
+    AmsConfirmation,
+    ApprovalDecision,
+    BatchRefundInput,
+    RefundRequest,
+    Resolution,
+    RestoreRequest,
+)
 
 # Domain separation: a signature over one kind of message is worthless as any other.
 CONTEXT = "refundsaga/approval-decision/v1"
-REQUEST_CONTEXT = "refundsaga/refund-request/v1"
+REQUEST_CONTEXTS = {
+    RefundRequest: "refundsaga/refund-request/v1",
+    BatchRefundInput: "refundsaga/batch-request/v1",
+    RestoreRequest: "refundsaga/restore-request/v1",
+}
 OPS_CONTEXT = "refundsaga/ops-decision/v1"
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -50,14 +62,21 @@ def _canonical(body: dict[str, object]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def canonical_request(workflow_id: str, request: RefundRequest) -> bytes:
-    """The bytes a requester signs: the saga's workflow id and the whole request, nonce included.
+StartRequest = TypeVar("StartRequest", RefundRequest, BatchRefundInput, RestoreRequest)
 
-    The run id is not known before the start; the nonce, recorded by the store when the saga
-    claims its purchase, keeps a signed request from starting a second saga.
+
+def canonical_request(
+    workflow_id: str, request: RefundRequest | BatchRefundInput | RestoreRequest
+) -> bytes:
+    """The bytes a requester signs: the workflow id and the whole request, nonce included.
+
+    The run id is not known before the start; the nonce, recorded by the store when a saga
+    claims its purchase, keeps a signed refund request from starting a second saga. What a
+    workflow hands its own next run or its children (carry, batch approval) is not signed.
     """
-    fields = request.model_dump(mode="json", exclude={"signature", "batch_approval"})
-    return _canonical({"context": REQUEST_CONTEXT, "workflow_id": workflow_id, **fields})
+    fields = request.model_dump(mode="json", exclude={"signature", "batch_approval", "carry"})
+    context = REQUEST_CONTEXTS[type(request)]
+    return _canonical({"context": context, "workflow_id": workflow_id, **fields})
 
 
 def canonical_ops_decision(
@@ -73,8 +92,8 @@ def canonical_ops_decision(
 
 
 def sign_request(
-    private_key: Ed25519PrivateKey, workflow_id: str, request: RefundRequest
-) -> RefundRequest:
+    private_key: Ed25519PrivateKey, workflow_id: str, request: StartRequest
+) -> StartRequest:
     """The request with a fresh nonce and its requester's signature for this workflow id."""
     unsigned = request.model_copy(update={"nonce": os.urandom(16).hex(), "signature": None})
     return unsigned.model_copy(
@@ -82,7 +101,11 @@ def sign_request(
     )
 
 
-def verify_request(public_key_b64: str, workflow_id: str, request: RefundRequest) -> bool:
+def verify_request(
+    public_key_b64: str,
+    workflow_id: str,
+    request: RefundRequest | BatchRefundInput | RestoreRequest,
+) -> bool:
     """Whether the request is signed by this key for this workflow id (no I/O)."""
     if request.nonce is None:
         return False

@@ -54,11 +54,13 @@ from refundsaga.contracts import (
     RefundRequest,
     Resolution,
     SagaState,
+    SagaStatus,
 )
 from refundsaga.models import PurchaseSnapshot
 from refundsaga.processor import ProcessorCharge
 from refundsaga.search_attributes import PURCHASE_ID, REFUND_STATE
 from refundsaga.settings import Settings
+from refundsaga.signing import generate_private_key, public_key_b64, sign_decision, sign_request
 from refundsaga.store import OasisStore
 from refundsaga.store.schema import Purchase, User
 from tests.fixtures.batch import (
@@ -817,3 +819,85 @@ def test_cli_batch_of_a_thousand_buyers(live_stack: LiveStack) -> None:
     figures = run_cli_batch(live_stack, count=1_000, rate=rate, window=20)
     print(f"\nbatch of 1000: {figures}")
     assert_rate_respected(figures)
+
+
+SAM_KEY, BOB_KEY = generate_private_key(), generate_private_key()
+
+
+@pytest.mark.saga_settings(
+    approver_public_keys={"sam": public_key_b64(SAM_KEY), "bob": public_key_b64(BOB_KEY)}
+)
+async def test_with_signing_on_a_batch_counts_its_requester_only_signed(
+    batch_world: SagaWorld,
+) -> None:
+    world = batch_world
+    product_id, buyers = seed(world, 2)
+    track(world, buyers)
+    # alice starts a batch "as sam" (to approve it herself): refused after planning.
+    forged = await start_batch(world, product_id=product_id)
+    result = await forged.result()
+    assert result.state == BatchState.FAILED
+    assert "not signed" in (result.error or "") and result.approvals == []
+
+    batch_id = f"batch-test-{uuid.uuid4().hex[:8]}"
+    signed = sign_request(
+        SAM_KEY,
+        batch_id,
+        BatchRefundInput(product_id=product_id, reason="event cancelled", requested_by="sam"),
+    )
+    handle = await world.client.start_workflow(
+        BatchRefund.run, signed, id=batch_id, task_queue=world.task_queue
+    )
+    world.handles.append(handle)
+    waiting = await poll(handle, lambda s: s.state == BatchState.AWAITING_APPROVAL)
+    assert waiting.error is None
+    await handle.signal(BatchRefund.reject, _signed_decision(BOB_KEY, handle, "bob"))
+    assert (await handle.result()).state == BatchState.REJECTED
+    for buyer in buyers:
+        charge = world.processor.get_charge(buyer.charge_id)
+        assert charge["amount_refunded"] == 0
+
+
+@pytest.mark.saga_settings(
+    approver_public_keys={"sam": public_key_b64(SAM_KEY), "bob": public_key_b64(BOB_KEY)}
+)
+async def test_with_signing_on_each_child_checks_the_batch_signatures_and_refunds(
+    batch_world: SagaWorld,
+) -> None:
+    world = batch_world
+    product_id, buyers = seed(world, 2)
+    track(world, buyers)
+    batch_id = f"batch-test-{uuid.uuid4().hex[:8]}"
+    signed = sign_request(
+        SAM_KEY,
+        batch_id,
+        BatchRefundInput(product_id=product_id, reason="event cancelled", requested_by="sam"),
+    )
+    handle = await world.client.start_workflow(
+        BatchRefund.run, signed, id=batch_id, task_queue=world.task_queue
+    )
+    world.handles.append(handle)
+    for buyer in buyers:
+        world.handles.append(world.client.get_workflow_handle(f"refund-{buyer.purchase_id}"))
+    await poll(handle, lambda s: s.state == BatchState.AWAITING_APPROVAL)
+    await handle.execute_update(
+        BatchRefund.decide, _signed_decision(BOB_KEY, handle, "bob", approve=True)
+    )
+    result = await handle.result()
+    assert result.state == BatchState.COMPLETED, result.error
+    for buyer in buyers:
+        charge = world.processor.get_charge(buyer.charge_id)
+        assert charge["amount_refunded"] == charge["amount"]
+        child = await world.client.get_workflow_handle(
+            f"refund-{buyer.purchase_id}", result_type=SagaStatus
+        ).result()
+        assert [a.approver for a in child.approvals] == ["bob"]
+        assert not any("own approval" in t.outcome for t in child.timeline)
+
+
+def _signed_decision(
+    key: Any, handle: Any, approver: str, *, approve: bool = False
+) -> ApprovalDecision:
+    decision = ApprovalDecision(approver=approver, approve=approve)
+    signature = sign_decision(key, handle.id, decision, run_id=handle.result_run_id or "")
+    return decision.model_copy(update={"signature": signature})

@@ -204,7 +204,7 @@ async def completed_saga(world: SagaWorld) -> tuple[Any, str]:
     return purchase, handle.id
 
 
-async def start_restore(world: SagaWorld, saga: str, operator: str = "carol") -> Any:
+async def start_restore(world: SagaWorld, saga: str, operator: str = "olivia") -> Any:
     handle = await world.client.start_workflow(
         RestoreProgress.run,
         RestoreRequest(saga_workflow_id=saga, operator=operator, reason="revoked by mistake"),
@@ -245,6 +245,7 @@ async def settled(handle: Any, *states: RestoreState) -> RestoreStatus:
 ENDS = tuple(RESTORE_ENDS)
 
 
+@pytest.mark.saga_settings(operators=["olivia", "carol"])
 async def test_a_mistaken_revoke_is_restored_with_four_eyes(batch_world: SagaWorld) -> None:
     world = batch_world
     purchase, saga = await completed_saga(world)
@@ -447,3 +448,17 @@ async def test_a_purge_started_by_hand_keeps_the_snapshots_inside_retention(
     purged = await purge.result()
     assert world.store.archived_progress(workflow_id=saga) == 6
     assert purged.cutoff <= await world.env.get_current_time() - timedelta(days=29)
+
+
+async def test_a_restore_asked_by_someone_not_an_operator_restores_nothing(
+    batch_world: SagaWorld,
+) -> None:
+    world = batch_world
+    purchase, saga = await completed_saga(world)
+    await archived_ago(world, saga, timedelta(days=1))
+    handle = await start_restore(world, saga, operator="mallory")
+    status = await settled(handle, *ENDS)
+    assert status.state == RestoreState.REFUSED
+    assert status.error is not None and "operator allowlist" in status.error
+    snapshot = world.store.load_purchase(purchase.purchase_id)
+    assert snapshot is not None and snapshot.progress_count == 0

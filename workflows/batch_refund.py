@@ -36,7 +36,7 @@ from workflows.waiting import (
 with workflow.unsafe.imports_passed_through():
     from activities.batch_activities import BatchActivities
     from activities.refund_activities import RefundActivities
-    from refundsaga.approval import refusal_reason
+    from refundsaga.approval import refusal_reason, start_refusal
     from refundsaga.batch import (
         describe_summary,
         keep_recent,
@@ -185,6 +185,13 @@ class BatchRefund:
         if inp.carry is None:
             try:
                 summary = await self._plan(inp)
+                # With signing on, `requested_by` counts only with its signature.
+                refusal = start_refusal(
+                    summary.policy, workflow_id=workflow.info().workflow_id, request=inp
+                )
+                if refusal:
+                    self._status.error = f"refused: {refusal}; nothing was started"
+                    return await self._end(BatchState.FAILED)
                 if not await self._approve(summary):
                     return await self._end(self._status.state)
             except ActivityError as err:
@@ -414,6 +421,8 @@ class BatchRefund:
                 batch_workflow_id=info.workflow_id,
                 approvals=self._status.approvals,
                 max_amount_cents=item.amount_cents,
+                # Approvals are taken before any continue-as-new: on the first run.
+                approval_run_id=info.first_execution_run_id,
             ),
         )
         pinned = workflow.patched(CHILDREN_PINNED)

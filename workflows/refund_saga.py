@@ -26,13 +26,14 @@ from workflows.waiting import (
 
 with workflow.unsafe.imports_passed_through():
     from activities.refund_activities import RefundActivities
-    from refundsaga.approval import ops_refusal, refusal_reason
+    from refundsaga.approval import ops_refusal, refusal_reason, required_approvals
     from refundsaga.contracts import (
         BATCH_REPORT_SIGNAL,
         END_STATES,
         AmsConfirmation,
         AmsRemovalInput,
         ApprovalDecision,
+        ApprovalRecord,
         BatchBucket,
         BatchChildReport,
         CloseInput,
@@ -451,6 +452,10 @@ class RefundSaga:
         (the purchase changed since): then this saga waits for its own approval."""
         batch = self._request.batch_approval
         assert batch is not None
+        refusal = self._batch_approval_refusal(plan)
+        if refusal:
+            self._mark("approve", f"{refusal}: this refund needs its own approval", "policy")
+            return False
         if plan.amount_cents > batch.max_amount_cents:
             self._mark(
                 "approve",
@@ -472,6 +477,38 @@ class RefundSaga:
             "policy",
         )
         return True
+
+    def _batch_approval_refusal(self, plan: RefundPlan) -> str | None:
+        """Check the batch's approvals as if they were given to this saga: allowlisted, not
+        the requester, one each, signed for the batch with signing on, enough for this refund.
+        The parent is the batch (checked at the start), but the approvals are still data."""
+        batch = self._request.batch_approval
+        assert batch is not None
+        counted: list[ApprovalRecord] = []
+        for record in batch.approvals:
+            if not record.approve:
+                return f"the batch approval holds a rejection by {record.approver}"
+            decision = ApprovalDecision(
+                approver=record.approver, comment=record.comment, signature=record.signature
+            )
+            reason = refusal_reason(
+                plan.policy,
+                approver=record.approver,
+                requested_by=self._request.requested_by,
+                decisions=counted,
+                decision=decision,
+                workflow_id=batch.batch_workflow_id,
+                run_id=batch.approval_run_id or "",
+            )
+            if reason:
+                return f"the batch's approval does not hold ({reason})"
+            counted.append(record)
+        needed = required_approvals(
+            plan.policy, plan.amount_cents, refunded_before_cents=plan.ledger_refunded_cents
+        )
+        if len(counted) < needed:
+            return f"the batch holds {len(counted)} approval(s), this refund needs {needed}"
+        return None
 
     def _report_to_batch(self, *, final: bool = False) -> None:
         """Tell the batch this saga moved between buckets; reports go out in order."""

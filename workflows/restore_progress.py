@@ -26,7 +26,7 @@ from workflows.waiting import (
 with workflow.unsafe.imports_passed_through():
     from activities.batch_activities import RESTORE_REFUSED, BatchActivities
     from activities.refund_activities import RefundActivities
-    from refundsaga.approval import refusal_reason
+    from refundsaga.approval import refusal_reason, start_refusal
     from refundsaga.contracts import (
         ApprovalDecision,
         DecisionReceipt,
@@ -104,7 +104,11 @@ class RestoreProgress:
             )
             self._status.check = check
             self._status.expires_at = expires_at(check)
-            refusal = restore_refusal(check, now=workflow.now())
+            # The operator the request names counts only from the allowlist (and, with signing
+            # on, with their signature for this restore).
+            refusal = restore_refusal(check, now=workflow.now()) or start_refusal(
+                check.policy, workflow_id=workflow.info().workflow_id, request=request
+            )
             if refusal:
                 self._status.error = refusal
                 return await self._end(RestoreState.REFUSED)
