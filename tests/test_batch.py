@@ -839,16 +839,7 @@ async def test_with_signing_on_a_batch_counts_its_requester_only_signed(
     assert result.state == BatchState.FAILED
     assert "not signed" in (result.error or "") and result.approvals == []
 
-    batch_id = f"batch-test-{uuid.uuid4().hex[:8]}"
-    signed = sign_request(
-        SAM_KEY,
-        batch_id,
-        BatchRefundInput(product_id=product_id, reason="event cancelled", requested_by="sam"),
-    )
-    handle = await world.client.start_workflow(
-        BatchRefund.run, signed, id=batch_id, task_queue=world.task_queue
-    )
-    world.handles.append(handle)
+    handle = await start_signed_batch(world, product_id)
     waiting = await poll(handle, lambda s: s.state == BatchState.AWAITING_APPROVAL)
     assert waiting.error is None
     await handle.signal(BatchRefund.reject, _signed_decision(BOB_KEY, handle, "bob"))
@@ -867,16 +858,7 @@ async def test_with_signing_on_each_child_checks_the_batch_signatures_and_refund
     world = batch_world
     product_id, buyers = seed(world, 2)
     track(world, buyers)
-    batch_id = f"batch-test-{uuid.uuid4().hex[:8]}"
-    signed = sign_request(
-        SAM_KEY,
-        batch_id,
-        BatchRefundInput(product_id=product_id, reason="event cancelled", requested_by="sam"),
-    )
-    handle = await world.client.start_workflow(
-        BatchRefund.run, signed, id=batch_id, task_queue=world.task_queue
-    )
-    world.handles.append(handle)
+    handle = await start_signed_batch(world, product_id)
     for buyer in buyers:
         world.handles.append(world.client.get_workflow_handle(f"refund-{buyer.purchase_id}"))
     await poll(handle, lambda s: s.state == BatchState.AWAITING_APPROVAL)
@@ -893,6 +875,21 @@ async def test_with_signing_on_each_child_checks_the_batch_signatures_and_refund
         ).result()
         assert [a.approver for a in child.approvals] == ["bob"]
         assert not any("own approval" in t.outcome for t in child.timeline)
+
+
+async def start_signed_batch(world: SagaWorld, product_id: int) -> Any:
+    """A batch of the product requested by sam, signed with sam's key."""
+    batch_id = f"batch-test-{uuid.uuid4().hex[:8]}"
+    signed = sign_request(
+        SAM_KEY,
+        batch_id,
+        BatchRefundInput(product_id=product_id, reason="event cancelled", requested_by="sam"),
+    )
+    handle = await world.client.start_workflow(
+        BatchRefund.run, signed, id=batch_id, task_queue=world.task_queue
+    )
+    world.handles.append(handle)
+    return handle
 
 
 def _signed_decision(

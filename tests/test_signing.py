@@ -317,3 +317,25 @@ def test_keys_generate_writes_a_private_key_and_prints_the_public_one(tmp_path: 
     assert printed["public_key"] == public_key_b64(load_private_key(out))
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+
+
+def test_a_forged_signature_cannot_abort_a_sandboxed_worker() -> None:
+    # cryptography raised its first InvalidSignature under the workflow sandbox's importer and
+    # the process aborted; in this suite earlier tests warm that import up, so run it alone.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_forged_identity.py::"
+            "test_with_signing_on_a_resolution_counts_only_signed_for_this_run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

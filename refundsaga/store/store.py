@@ -1383,19 +1383,7 @@ class OasisStore:
             statement = statement.where(AuditEventRow.workflow_id == workflow_id)
         if purchase_id is not None:
             statement = statement.where(AuditEventRow.purchase_id == purchase_id)
-        with self._read() as session:
-            return [
-                AuditEvent(
-                    at=row.at,
-                    event=row.event,
-                    actor=row.actor,
-                    workflow_id=row.workflow_id,
-                    run_id=row.run_id,
-                    purchase_id=row.purchase_id,
-                    detail=row.detail,
-                )
-                for row in session.scalars(statement)
-            ]
+        return self._audit_events(statement)
 
     def purchase_audit(self, purchase_id: int) -> list[AuditEvent]:
         """Everything the trail holds about a purchase: every run of every saga, restore and
@@ -1411,6 +1399,9 @@ class OasisStore:
             )
             .order_by(AuditEventRow.at, AuditEventRow.id)
         )
+        return self._audit_events(statement)
+
+    def _audit_events(self, statement: Select[AuditEventRow]) -> list[AuditEvent]:
         with self._read() as session:
             return [
                 AuditEvent(
