@@ -1,5 +1,5 @@
-"""A reset in the Temporal UI (here its CLI, `temporal workflow reset`) after an approval pays
-no refund twice, on the embedded stack: the reset run looks for its request's refund first."""
+"""Exactly once on the embedded stack, driven as people would: a reset with the Temporal CLI
+after an approval pays no refund twice, and a saga started around the `refund` CLI is refused."""
 
 from __future__ import annotations
 
@@ -131,3 +131,39 @@ def test_a_reset_after_the_approval_pays_the_refund_once(
     assert ledger_cents(live_stack, p["purchase_id"]) == 2500
     assert again["request_id"] == done["request_id"]
     assert refund(live_stack, "status", workflow_id).returncode == 0
+
+
+def test_a_second_saga_started_with_the_temporal_cli_moves_no_money(
+    live_stack: LiveStack,
+) -> None:
+    p = seed(live_stack, "standard")
+    first = refund_json(live_stack, "start", str(p["purchase_id"]), "--reason", "r", "--as", "sam")[
+        "workflow_id"
+    ]
+    refund_json(live_stack, "status", first, "--wait-for", "AWAITING_APPROVAL", "--timeout", "60")
+    # Around the CLI, under another workflow id: only the store's claim can stop it.
+    raw = f"raw-{p['purchase_id']}"
+    temporal(
+        live_stack,
+        "workflow",
+        "start",
+        "--type",
+        "RefundSaga",
+        "--task-queue",
+        live_stack.settings.task_queue,
+        "--workflow-id",
+        raw,
+        "--input",
+        json.dumps({"purchase_id": p["purchase_id"], "reason": "again", "requested_by": "sam"}),
+    )
+    temporal(live_stack, "workflow", "result", "--workflow-id", raw)
+    second = refund_json(live_stack, "status", raw)
+    assert second["state"] == "FAILED"
+    assert "already has a refund in flight" in second["error"]
+
+    refund_json(live_stack, "approve", first, "--as", "bob")
+    done = refund_json(live_stack, "status", first, "--wait-for", "COMPLETED", "--timeout", "60")
+    assert done["state"] == "COMPLETED"
+    held = charge(live_stack, p["charge_id"])
+    assert [r["amount"] for r in held["refunds"]["data"]] == [p["amount_cents"]]
+    assert ledger_cents(live_stack, p["purchase_id"]) == p["amount_cents"]
