@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 import httpx
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
 from bench.baseline import BASELINE_WORKFLOW, GO_SIGNAL, STANDARD_SAGA_ACTIVITIES, BenchBaseline
@@ -58,7 +57,7 @@ from refundsaga.models import LedgerEntry
 from refundsaga.operations import start_refund
 from refundsaga.seed import SeededPurchase
 from refundsaga.settings import Settings
-from refundsaga.temporal import connect
+from refundsaga.temporal import connect, payload_data_converter
 from worker import saga_activities
 from workflows.refund_saga import RefundSaga
 
@@ -237,7 +236,7 @@ async def replay_ms(workflow: type, history: WorkflowHistory, runs: int) -> floa
     """CPU ms per replay of `history`, `runs` times through one replayer."""
     replayer = Replayer(
         workflows=[workflow],
-        data_converter=pydantic_data_converter,
+        data_converter=payload_data_converter,
         workflow_runner=UnsandboxedWorkflowRunner(),
     )
 

@@ -963,15 +963,14 @@ class _Temporal:
             ``created`` or ``updated``; a failure is reported, not raised: the stack works
             without it, and `refund schedules ensure` can be run later.
         """
-        from temporalio.contrib.pydantic import pydantic_data_converter
-
         from refundsaga.operations import ensure_purge_schedule
+        from refundsaga.temporal import payload_data_converter
 
         async def ensure() -> str:
             client = await Client.connect(
                 self.address,
                 namespace=self.settings.temporal_namespace,
-                data_converter=pydantic_data_converter,
+                data_converter=payload_data_converter,
             )
             return await ensure_purge_schedule(client, self.settings)
 

@@ -8,10 +8,20 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+import temporalio.api.common.v1
+from pydantic import ValidationError
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
+from temporalio.contrib.pydantic import (
+    PydanticJSONPlainPayloadConverter,
+    PydanticPayloadConverter,
+)
+from temporalio.converter import (
+    CompositePayloadConverter,
+    DataConverter,
+    DefaultFailureConverterWithEncodedAttributes,
+)
 from temporalio.envconfig import ClientConfigProfile
+from temporalio.exceptions import ApplicationError
 from temporalio.runtime import Runtime
 
 from refundsaga.codec import EncryptionCodec
@@ -22,6 +32,55 @@ class TemporalUnavailable(RuntimeError):
     """Temporal could not be reached at the configured address."""
 
 
+INVALID_MESSAGE = "InvalidMessage"
+
+
+def _where_invalid(err: ValidationError, type_hint: object) -> str:
+    """Which fields of which model are wrong and why, without the values that were sent."""
+    model = getattr(type_hint, "__name__", "message")
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or model}: {e['msg']}"
+        for e in err.errors(include_url=False, include_input=False, include_context=False)[:5]
+    )
+    return f"invalid {model}: {problems}"
+
+
+class _CheckedJsonConverter(PydanticJSONPlainPayloadConverter):
+    """JSON that is not its model fails as a non-retryable error naming fields, not values.
+
+    A workflow started by hand with an invalid input then ends FAILED at once instead of
+    failing its first task forever, and nothing the sender typed (personal data, say) reaches
+    the failure, the history or the logs.
+    """
+
+    def from_payload(
+        self, payload: temporalio.api.common.v1.Payload, type_hint: type | None = None
+    ) -> object:
+        try:
+            return super().from_payload(payload, type_hint)
+        except ValidationError as err:
+            raise ApplicationError(
+                _where_invalid(err, type_hint), type=INVALID_MESSAGE, non_retryable=True
+            ) from None
+
+
+class RefundPayloadConverter(CompositePayloadConverter):
+    """The pydantic payload converter with `_CheckedJsonConverter` for JSON."""
+
+    def __init__(self) -> None:
+        checked = _CheckedJsonConverter()
+        super().__init__(
+            *(
+                checked if isinstance(c, PydanticJSONPlainPayloadConverter) else c
+                for c in PydanticPayloadConverter().converters.values()
+            )
+        )
+
+
+payload_data_converter = DataConverter(payload_converter_class=RefundPayloadConverter)
+"""The converter every client and worker uses (without encryption)."""
+
+
 def data_converter(settings: Settings) -> DataConverter:
     """The pydantic converter, encrypting payloads when REFUND_PAYLOAD_KEYS is set.
 
@@ -29,10 +88,10 @@ def data_converter(settings: Settings) -> DataConverter:
         ValueError: REFUND_PAYLOAD_KEYS is malformed (the message names the key id, never a key).
     """
     if settings.payload_keys is None:
-        return pydantic_data_converter
+        return payload_data_converter
     codec = EncryptionCodec.from_spec(settings.payload_keys.get_secret_value())
     return dataclasses.replace(
-        pydantic_data_converter,
+        payload_data_converter,
         payload_codec=codec,
         # Error messages and stack traces quote data too: encrypt them with the payloads.
         failure_converter_class=DefaultFailureConverterWithEncodedAttributes,

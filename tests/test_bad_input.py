@@ -652,24 +652,24 @@ class UpdateCase:
 
 UPDATE_CASES = [
     UpdateCase(
-        "update-decide-wrong-shape", "waiting", "decide", {"who": "bob"}, "decoding arguments"
+        "update-decide-wrong-shape", "waiting", "decide", {"who": "bob"}, "invalid ApprovalDecision"
     ),
     UpdateCase(
-        "update-decide-not-json", "waiting", "decide", raw(b"{not json"), "decoding arguments"
+        "update-decide-not-json", "waiting", "decide", raw(b"{not json"), "invalid ApprovalDecision"
     ),
     UpdateCase(
         "update-decide-10000-char-comment",
         "waiting",
         "decide",
         {"approver": "bob", "comment": LONG},
-        "decoding arguments",
+        "invalid ApprovalDecision",
     ),
     UpdateCase(
         "update-decide-script-in-comment",
         "waiting",
         "decide",
         {"approver": "bob", "comment": SCRIPT},
-        "decoding arguments",
+        "invalid ApprovalDecision",
     ),
     UpdateCase(
         "update-decide-not-on-allowlist",
@@ -683,7 +683,7 @@ UPDATE_CASES = [
         "waiting",
         "resolve_attention",
         {"action": "frobnicate", "operator": "olivia"},
-        "decoding arguments",
+        "invalid Resolution: action",
     ),
     UpdateCase(
         "update-confirm-ams-not-waiting-for-it",

@@ -16,7 +16,6 @@ from google.protobuf.message import Message
 from pydantic import SecretStr
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities.refund_activities import RefundActivities
 from refundsaga import codec as codec_module
@@ -35,7 +34,7 @@ from refundsaga.codec import (
 from refundsaga.contracts import ApprovalDecision, RefundRequest, SagaState
 from refundsaga.processor import ProcessorClient
 from refundsaga.settings import Settings
-from refundsaga.temporal import TemporalUnavailable, connect, data_converter
+from refundsaga.temporal import TemporalUnavailable, connect, data_converter, payload_data_converter
 from tests.fixtures.temporal import SagaWorld
 from worker import build_workers, running
 from workflows.refund_saga import RefundSaga
@@ -129,10 +128,10 @@ async def test_payloads_that_are_not_encrypted_pass_through() -> None:
 
 
 def test_the_data_converter_encrypts_only_when_keys_are_set() -> None:
-    assert data_converter(Settings()) is pydantic_data_converter
+    assert data_converter(Settings()) is payload_data_converter
     converter = data_converter(Settings(payload_keys=SecretStr(OLD)))
     assert isinstance(converter.payload_codec, EncryptionCodec)
-    assert converter.payload_converter_class is pydantic_data_converter.payload_converter_class
+    assert converter.payload_converter_class is payload_data_converter.payload_converter_class
 
 
 async def test_connect_with_malformed_keys_says_so_in_one_line() -> None:

@@ -13,7 +13,8 @@ import uuid
 from typing import Any
 
 import pytest
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 
 from refundsaga.contracts import (
     AmsConfirmation,
@@ -301,3 +302,29 @@ async def test_the_audit_trail_keeps_every_run_of_a_purchases_sagas(world: SagaW
     printed = json.loads(done.stdout)["events"]
     assert [(e["run_id"], e["event"]) for e in printed] == [(e.run_id, e.event) for e in trail]
     assert all(e["signed"] is False for e in printed)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"purchase_id": -5, "reason": "call jane.doe@example.com", "requested_by": "sam"},
+        {"purchase_id": "Jane Doe", "reason": "r", "requested_by": "Jane Doe"},
+        {"reason": "r"},
+    ],
+    ids=["negative-id", "names", "missing"],
+)
+async def test_a_raw_start_with_invalid_input_fails_at_once_without_echoing_it(
+    world: SagaWorld, raw: dict[str, Any]
+) -> None:
+    handle = await world.client.start_workflow(
+        "RefundSaga", raw, id=f"raw-{uuid.uuid4().hex[:8]}", task_queue=world.task_queue
+    )
+    with pytest.raises(WorkflowFailureError) as failed:
+        await handle.result()
+    cause = failed.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "InvalidMessage"
+    assert cause.message.startswith("invalid RefundRequest: ")
+    history = (await handle.fetch_history()).to_json()
+    failure = history[history.index("workflowExecutionFailedEventAttributes") :]
+    for typed in ("jane", "Jane", "-5"):
+        assert typed not in cause.message and typed not in failure

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
+from refundsaga.temporal import payload_data_converter
 from worker import WORKFLOWS
 from workflows.refund_saga import RefundSaga
 
@@ -60,7 +60,7 @@ async def test_history_replays(path: Path, runner: str) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(
         workflows=[RefundSaga],
-        data_converter=pydantic_data_converter,
+        data_converter=payload_data_converter,
         workflow_runner=RUNNERS[runner](),
     )
     await replayer.replay_workflow(history)
@@ -89,7 +89,7 @@ async def test_batch_and_restore_history_replays(path: Path, runner: str) -> Non
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(
         workflows=WORKFLOWS,
-        data_converter=pydantic_data_converter,
+        data_converter=payload_data_converter,
         workflow_runner=RUNNERS[runner](),
     )
     await replayer.replay_workflow(history)
