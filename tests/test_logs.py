@@ -256,19 +256,20 @@ async def test_the_worker_runtime_masks_core_lines_about_a_rejected_raw_input(
     core_lines: Messages,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    # A raw start (not through the CLI's validation) whose input carries an email: the worker
-    # fails the workflow task on decoding it, and the SDK core logs the failure with its cause.
+    # A raw start whose input carries an email, decoded by the SDK's plain pydantic converter
+    # (the product's own ends such a workflow at once, naming no value): the worker fails the
+    # workflow task, and the SDK core logs the failure with its cause.
     from temporalio.client import Client
+    from temporalio.contrib.pydantic import pydantic_data_converter
 
     from refundsaga.metrics import runtime_from_settings
     from refundsaga.settings import Settings
-    from refundsaga.temporal import payload_data_converter
     from workflows.refund_saga import RefundSaga
 
     client = await Client.connect(
         time_env.client.service_client.config.target_host,
         namespace=time_env.client.namespace,
-        data_converter=payload_data_converter,
+        data_converter=pydantic_data_converter,
         runtime=runtime_from_settings(Settings()),
     )
     task_queue = f"core-logs-{uuid.uuid4().hex[:8]}"
