@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +25,7 @@ from refundsaga.logs import (
     configure_logging,
     redact,
 )
+from tests.fixtures.temporal import binary
 
 step_log = logging.getLogger("refundsaga.test_step")
 
@@ -251,8 +252,21 @@ def test_a_forwarded_core_record_is_masked_for_every_handler(core_lines: Message
     assert PERSONAL not in JsonFormatter().format(core_lines.records[0])
 
 
+@pytest.fixture
+async def own_time_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server of its own: a workflow whose tasks keep failing leaves the test
+    server unable to skip time, which would stall every later test on the shared one."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=binary("temporal-test-server")
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
 async def test_the_worker_runtime_masks_core_lines_about_a_rejected_raw_input(
-    time_env: WorkflowEnvironment,
+    own_time_env: WorkflowEnvironment,
     core_lines: Messages,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
@@ -267,8 +281,8 @@ async def test_the_worker_runtime_masks_core_lines_about_a_rejected_raw_input(
     from workflows.refund_saga import RefundSaga
 
     client = await Client.connect(
-        time_env.client.service_client.config.target_host,
-        namespace=time_env.client.namespace,
+        own_time_env.client.service_client.config.target_host,
+        namespace=own_time_env.client.namespace,
         data_converter=pydantic_data_converter,
         runtime=runtime_from_settings(Settings()),
     )
