@@ -63,6 +63,10 @@ INVALID_REQUEST = "InvalidRefundRequest"
 REFUND_FAILED = "RefundFailed"
 REFUND_REQUIRES_ACTION = "RefundRequiresAction"
 REQUEST_SPENT = "ProcessorRequestSpent"
+# The store's refusals, by their error names (see _translated).
+PURCHASE_CLAIMED = PurchaseClaimed.__name__
+REQUEST_REPLAYED = RequestReplayed.__name__
+REFUND_REFUSED = RefundRefused.__name__
 # Refund statuses that hold (or may still move) the money: a refund of ours in one of them is
 # adopted instead of sending another. Failed and canceled refunds moved nothing.
 LIVE_STATUSES = frozenset({"succeeded", "pending", "requires_action"})
@@ -205,12 +209,13 @@ class RefundActivities:
             else:
                 ams_action = "deactivate_purchase"
         moved = 0 if already else amount
-        if inp.request_id is not None:
+        request_id = inp.request_id
+        if request_id is not None:
             with _translated():
                 await asyncio.to_thread(
                     lambda: self._store.claim_purchase(
                         purchase_id=purchase.purchase_id,
-                        request_id=inp.request_id or "",
+                        request_id=request_id,
                         workflow_id=inp.workflow_id,
                         nonce=req.nonce if req.signature else None,
                     )

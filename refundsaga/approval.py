@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from refundsaga.contracts import (
     AmsConfirmation,
@@ -87,14 +87,14 @@ def start_refusal(
         who = request.requested_by
     if not signing_on(policy):
         return None
-    key = policy.approver_public_keys.get(who)
-    if key is None:
-        return f"{who} has no public key configured (REFUND_APPROVER_PUBLIC_KEYS)"
-    if not request.signature:
-        return f"the request is not signed: {who} signs with REFUND_SIGNING_KEY_FILE set"
-    if not verify_request(key, workflow_id, request):
-        return f"the request's signature is not {who}'s for {workflow_id}"
-    return None
+    return _signature_refusal(
+        policy,
+        who,
+        request.signature,
+        lambda key: verify_request(key, workflow_id, request),
+        unsigned=f"the request is not signed: {who} signs with REFUND_SIGNING_KEY_FILE set",
+        mismatch=f"the request's signature is not {who}'s for {workflow_id}",
+    )
 
 
 def ops_refusal(
@@ -111,15 +111,15 @@ def ops_refusal(
         return f"{operator} is not on the operator allowlist (REFUND_OPERATORS)"
     if operator == requested_by:
         return f"{operator} requested this refund and cannot decide on it (four-eyes rule)"
-    if signing_on(policy):
-        key = policy.approver_public_keys.get(operator)
-        if key is None:
-            return f"{operator} has no public key configured (REFUND_APPROVER_PUBLIC_KEYS)"
-        if not decision.signature:
-            return f"{operator}'s decision is not signed (set REFUND_SIGNING_KEY_FILE for the CLI)"
-        if not verify_ops_decision(key, workflow_id, decision, run_id=run_id):
-            return f"{operator}'s signature does not match this decision on this saga"
-    return None
+    if not signing_on(policy):
+        return None
+    return _signature_refusal(
+        policy,
+        operator,
+        decision.signature,
+        lambda key: verify_ops_decision(key, workflow_id, decision, run_id=run_id),
+        unsigned=f"{operator}'s decision is not signed (set REFUND_SIGNING_KEY_FILE for the CLI)",
+    )
 
 
 def refusal_reason(
@@ -144,15 +144,37 @@ def refusal_reason(
         return f"{approver} requested this refund and cannot decide on it (four-eyes rule)"
     if any(d.approver == approver for d in decisions):
         return f"{approver} has already decided on this refund"
-    if policy.approver_public_keys:
-        key = policy.approver_public_keys.get(approver)
-        if key is None:
-            return f"{approver} has no public key configured (REFUND_APPROVER_PUBLIC_KEYS)"
-        if decision is None or not decision.signature:
-            return (
-                f"{approver}'s decision is not signed: approvals must be signed "
-                "(set REFUND_SIGNING_KEY_FILE for the CLI)"
-            )
-        if not verify_decision(key, workflow_id, decision, run_id=run_id):
-            return f"{approver}'s signature does not match this decision on this saga"
+    if not signing_on(policy):
+        return None
+    return _signature_refusal(
+        policy,
+        approver,
+        decision.signature if decision is not None else None,
+        lambda key: (
+            decision is not None and verify_decision(key, workflow_id, decision, run_id=run_id)
+        ),
+        unsigned=(
+            f"{approver}'s decision is not signed: approvals must be signed "
+            "(set REFUND_SIGNING_KEY_FILE for the CLI)"
+        ),
+    )
+
+
+def _signature_refusal(
+    policy: ApprovalPolicy,
+    who: str,
+    signature: str | None,
+    verify: Callable[[str], bool],
+    *,
+    unsigned: str,
+    mismatch: str | None = None,
+) -> str | None:
+    """With signing on: `who` needs a configured key and a signature `verify` accepts with it."""
+    key = policy.approver_public_keys.get(who)
+    if key is None:
+        return f"{who} has no public key configured (REFUND_APPROVER_PUBLIC_KEYS)"
+    if not signature:
+        return unsigned
+    if not verify(key):
+        return mismatch or f"{who}'s signature does not match this decision on this saga"
     return None

@@ -53,7 +53,6 @@ from refundsaga.settings import Settings, get_settings
 from refundsaga.signing import (
     SigningError,
     generate_private_key,
-    load_private_key,
     public_key_b64,
     sign_decision,
     sign_ops_decision,
@@ -314,13 +313,11 @@ def start(
 
 
 def _signing_key(settings: Settings) -> Ed25519PrivateKey | None:
-    """The approver's signing key when REFUND_SIGNING_KEY_FILE is set."""
-    if settings.signing_key_file is None:
-        return None
+    """The signing key when REFUND_SIGNING_KEY_FILE is set; a bad file is a one-line refusal."""
     try:
-        return load_private_key(settings.signing_key_file)
-    except SigningError as e:
-        fail(f"REFUND_SIGNING_KEY_FILE: {e}")
+        return ops.signing_key(settings)
+    except ops.Refused as e:
+        fail(str(e))
 
 
 _OpsDecision = TypeVar("_OpsDecision", Resolution, AmsConfirmation)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
 from temporalio.client import (
     Client,
@@ -89,16 +90,25 @@ def resolve_workflow_id(ref: str) -> str:
     return ref
 
 
+def signing_key(settings: Settings) -> Ed25519PrivateKey | None:
+    """The person's signing key when REFUND_SIGNING_KEY_FILE is set.
+
+    Raises:
+        Refused: The file cannot be read or holds no Ed25519 key.
+    """
+    if settings.signing_key_file is None:
+        return None
+    try:
+        return load_private_key(settings.signing_key_file)
+    except SigningError as err:
+        raise Refused(f"REFUND_SIGNING_KEY_FILE: {err}") from err
+
+
 def _signed(settings: Settings, workflow_id: str, request: StartRequest) -> StartRequest:
     """The request signed with REFUND_SIGNING_KEY_FILE when it is set: with signing on, the
     workflow believes the person a request names only from this signature."""
-    if settings.signing_key_file is None:
-        return request
-    try:
-        key = load_private_key(settings.signing_key_file)
-    except SigningError as err:
-        raise Refused(f"REFUND_SIGNING_KEY_FILE: {err}") from err
-    return sign_request(key, workflow_id, request)
+    key = signing_key(settings)
+    return request if key is None else sign_request(key, workflow_id, request)
 
 
 async def start_refund(

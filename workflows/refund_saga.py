@@ -25,7 +25,17 @@ from workflows.waiting import (
 )
 
 with workflow.unsafe.imports_passed_through():
-    from activities.refund_activities import RefundActivities
+    from activities.refund_activities import (
+        INVALID_REQUEST,
+        PURCHASE_CLAIMED,
+        REFUND_FAILED,
+        REFUND_REFUSED,
+        REFUND_REQUIRES_ACTION,
+        REQUEST_REPLAYED,
+        # The processor replays a final answer under the refund's key: send under a new one.
+        REQUEST_SPENT,
+        RefundActivities,
+    )
     from refundsaga.approval import ops_refusal, refusal_reason, required_approvals
     from refundsaga.contracts import (
         BATCH_REPORT_SIGNAL,
@@ -74,14 +84,7 @@ with workflow.unsafe.imports_passed_through():
 T = TypeVar("T")
 
 # Errors the activities raise that no retry can fix (ApplicationError types).
-INVALID_REQUEST = "InvalidRefundRequest"
 ALREADY_REFUNDED = "ChargeAlreadyRefunded"
-REFUND_FAILED = "RefundFailed"
-REFUND_REQUIRES_ACTION = "RefundRequiresAction"
-# The processor replays a final answer under the refund's key: send under a new one.
-REQUEST_SPENT = "ProcessorRequestSpent"
-PURCHASE_CLAIMED = "PurchaseClaimed"
-REFUND_REFUSED = "RefundRefused"
 # How many new keys the pivot takes by itself, each after looking for the refund, before a
 # person decides.
 MAX_NEW_KEYS = 3
@@ -91,7 +94,7 @@ BUSINESS_ERRORS = [
     REFUND_REQUIRES_ACTION,
     REQUEST_SPENT,
     PURCHASE_CLAIMED,
-    "RequestReplayed",
+    REQUEST_REPLAYED,
     REFUND_REFUSED,
     "AmountTooLarge",
     "ChargeNotFound",
@@ -331,7 +334,7 @@ class RefundSaga:
                     "ChargeNotFound",
                     "PurchaseNotFound",
                     PURCHASE_CLAIMED,
-                    "RequestReplayed",
+                    REQUEST_REPLAYED,
                 ):
                     raise CannotContinue(_error_text(err)) from err
                 raise
