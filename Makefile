@@ -26,7 +26,7 @@ status: install
 	$(REFUND) stack status
 
 demo: install
-	$(PY) -m refundsaga.demo
+	$(PY) -m console.demo
 
 test: install
 	$(VENV)/bin/pytest -q
@@ -64,6 +64,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
-from refundsaga import operations as ops
+from console import operations as ops
 from refundsaga.contracts import RefundRequest
 from refundsaga.settings import get_settings
 from refundsaga.temporal import TemporalUnavailable, connect, run_and_exit

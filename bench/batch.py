@@ -35,10 +35,10 @@ from bench.bench import (
     wait_for_quiet,
     write_report,
 )
-from refundsaga import operations as ops
+from console import operations as ops
+from console.seed import seed_buyers
 from refundsaga.batch import max_in_window
 from refundsaga.contracts import ApprovalDecision, BatchRefundInput, BatchState
-from refundsaga.seed import seed_buyers
 from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
 from refundsaga.temporal import connect

@@ -36,11 +36,11 @@ from bench.baseline import (
     STANDARD_SAGA_ACTIVITIES,
     sandboxed_queue,
 )
+from console import stack
+from console.operations import start_refund
+from console.seed import SeededPurchase, seed_purchase
 from refundsaga import search_attributes as sa
-from refundsaga import stack
 from refundsaga.contracts import RefundRequest, SagaState, SagaStatus
-from refundsaga.operations import start_refund
-from refundsaga.seed import SeededPurchase, seed_purchase
 from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
 from refundsaga.temporal import connect
@@ -48,7 +48,7 @@ from refundsaga.temporal import connect
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 HOST = "127.0.0.1"
-# What refundsaga/stack.py passes to `temporal server start-dev`; other settings are started
+# What console/stack.py passes to `temporal server start-dev`; other settings are started
 # by the bench itself so that the comparison can be made on the same code.
 STACK_PRAGMAS = stack.DEV_SERVER_PRAGMAS
 STACK_DYNAMIC_CONFIG = stack.DEV_SERVER_DYNAMIC_CONFIG

@@ -26,9 +26,9 @@ from bench.bench import (
     wait_for_quiet,
     write_report,
 )
+from console.operations import decide_listed, start_refund
+from console.seed import SeededPurchase
 from refundsaga.contracts import ApprovalDecision, RefundRequest, SagaState, SagaStatus
-from refundsaga.operations import decide_listed, start_refund
-from refundsaga.seed import SeededPurchase
 from refundsaga.temporal import connect
 
 # The standard purchase (99.95) needs one approval; the reference sagas refund 49.99 of one
@@ -82,7 +82,7 @@ async def approve_by_query(
     client: Client, query: str, *, approver: str, comment: str, concurrency: int
 ) -> dict[str, Any]:
     """What `refund approve --query` does: list, then one validating `decide` update per saga
-    run (refundsaga.operations.decide_listed), at most `concurrency` in flight."""
+    run (console.operations.decide_listed), at most `concurrency` in flight."""
     listed_at = time.perf_counter()
     listed = [w async for w in client.list_workflows(query)]
     listed_s = time.perf_counter() - listed_at

@@ -43,6 +43,8 @@ from bench.bench import (
     refund_request,
     seed_standard,
 )
+from console.operations import start_refund
+from console.seed import SeededPurchase
 from refundsaga.contracts import (
     AmsRemovalInput,
     CloseInput,
@@ -54,8 +56,6 @@ from refundsaga.contracts import (
     VerifyInput,
 )
 from refundsaga.models import LedgerEntry
-from refundsaga.operations import start_refund
-from refundsaga.seed import SeededPurchase
 from refundsaga.settings import Settings
 from refundsaga.temporal import connect, payload_data_converter
 from worker import saga_activities

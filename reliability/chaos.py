@@ -27,12 +27,12 @@ from sqlalchemy import create_engine, text
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
 from temporalio.runtime import Runtime, TelemetryConfig, TelemetryFilter
 
-from refundsaga import operations as ops
+from console import operations as ops
+from console import stack
+from console.seed import SCENARIOS, Scenario, SeededPurchase, seed_purchase
 from refundsaga import search_attributes as sa
-from refundsaga import stack
 from refundsaga.contracts import AmsConfirmation, ApprovalDecision, RefundRequest, Resolution
 from refundsaga.logs import core_logging
-from refundsaga.seed import SCENARIOS, Scenario, SeededPurchase, seed_purchase
 from refundsaga.settings import SANDBOX_AMS_KEY, SANDBOX_PROCESSOR_KEY, Settings
 from refundsaga.store import OasisStore
 from refundsaga.temporal import connect, run_and_exit

@@ -25,9 +25,9 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.common import RawValue
 from temporalio.service import RPCError, RPCStatusCode
 
-from refundsaga import operations as ops
+from console import operations as ops
+from console.seed import Scenario, SeededPurchase, seed_purchase
 from refundsaga.contracts import ApprovalDecision, RefundRequest, SagaState, SagaStatus
-from refundsaga.seed import Scenario, SeededPurchase, seed_purchase
 from refundsaga.store import OasisStore
 from refundsaga.temporal import connect
 from tests.fixtures.stack import LiveStack
@@ -333,7 +333,7 @@ CLI_CASES = [
 
 
 def run(scene_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "refundsaga.cli", *args]
+    command = [sys.executable, "-m", "console.cli", *args]
     return subprocess.run(
         command, env=scene_env, capture_output=True, text=True, timeout=120, cwd=REPO
     )

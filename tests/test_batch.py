@@ -78,7 +78,7 @@ from workflows.refund_saga import CURRENT_SHAPE, SHAPE_MEMO, RefundSaga
 __all__ = ["batch_time_env", "batch_world", "isolated_batch_world"]  # fixtures used below
 
 REPO = Path(__file__).resolve().parents[1]
-REFUND = [sys.executable, "-m", "refundsaga.cli"]
+REFUND = [sys.executable, "-m", "console.cli"]
 
 
 # --- planning and pacing, pure --------------------------------------------------------------

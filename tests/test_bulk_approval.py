@@ -11,7 +11,7 @@ from temporalio.client import WorkflowExecution
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.converter import DataConverter
 
-from refundsaga import operations as ops
+from console import operations as ops
 from refundsaga import search_attributes as sa
 
 

@@ -12,7 +12,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from refundsaga import cli
+from console import cli
+from console.terminal import markup_safe, printable, terminal_console
 from refundsaga.contracts import (
     AccessDecision,
     ApprovalRecord,
@@ -27,7 +28,6 @@ from refundsaga.contracts import (
     SagaStatus,
     TimelineEntry,
 )
-from refundsaga.terminal import markup_safe, printable, terminal_console
 
 AT = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 # Retitle the window, clear the screen, a C1 CSI, a right-to-left override, a fake hyperlink

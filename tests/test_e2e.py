@@ -15,14 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from refundsaga import stack
+from console import stack
 from refundsaga.store import OasisStore
 from tests.fixtures.stack import LiveStack
 
 pytestmark = pytest.mark.devserver
 
 REPO = Path(__file__).resolve().parents[1]
-REFUND = [sys.executable, "-m", "refundsaga.cli"]
+REFUND = [sys.executable, "-m", "console.cli"]
 
 
 def refund(

@@ -18,10 +18,10 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 from activities.refund_activities import _translated
+from console.seed import SeededPurchase
 from refundsaga.contracts import ApprovalDecision, Resolution, SagaState
 from refundsaga.models import LedgerEntry
 from refundsaga.processor import ProcessorUnavailable
-from refundsaga.seed import SeededPurchase
 from refundsaga.store.schema import Refund, RefundClaim
 from tests.fixtures.temporal import SagaWorld
 from workflows.refund_saga import RefundSaga

@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from refundsaga.stack import private_directory, private_log
+from console.stack import private_directory, private_log
 from refundsaga.store.store import ensure_sqlite_directory
 
 

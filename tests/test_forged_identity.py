@@ -292,7 +292,7 @@ async def test_the_audit_trail_keeps_every_run_of_a_purchases_sagas(world: SagaW
     }
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "refundsaga.cli", "audit", str(purchase.purchase_id), "--json"],
+        [sys.executable, "-m", "console.cli", "audit", str(purchase.purchase_id), "--json"],
         env=env,
         capture_output=True,
         text=True,

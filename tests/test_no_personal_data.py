@@ -15,9 +15,9 @@ import pytest
 from sqlalchemy import text
 from temporalio.client import WorkflowHandle
 
-from refundsaga import operations as ops
+from console import operations as ops
+from console.seed import seed_purchase
 from refundsaga.contracts import ApprovalDecision, RefundRequest, SagaState
-from refundsaga.seed import seed_purchase
 from refundsaga.settings import SANDBOX_AMS_KEY, SANDBOX_PROCESSOR_KEY
 from refundsaga.store import OasisStore
 from refundsaga.temporal import connect

@@ -18,6 +18,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.common import RawValue
 
+from console.operations import RESTORE_ENDS
 from refundsaga.approval import policy_from_settings
 from refundsaga.contracts import (
     ApprovalDecision,
@@ -29,7 +30,6 @@ from refundsaga.contracts import (
     RestoreStatus,
     SagaState,
 )
-from refundsaga.operations import RESTORE_ENDS
 from refundsaga.restore import expires_at, restore_refusal
 from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
@@ -332,7 +332,7 @@ async def test_new_progress_blocks_a_restore(batch_world: SagaWorld) -> None:
 
 def refund(live: LiveStack, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "refundsaga.cli", *args],
+        [sys.executable, "-m", "console.cli", *args],
         env=live.env,
         capture_output=True,
         text=True,

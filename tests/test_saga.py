@@ -12,6 +12,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 
+from console.operations import start_refund
 from refundsaga.contracts import (
     AmsConfirmation,
     ApprovalDecision,
@@ -20,7 +21,6 @@ from refundsaga.contracts import (
     SagaState,
     WaitingFor,
 )
-from refundsaga.operations import start_refund
 from refundsaga.search_attributes import REFUND_AMOUNT_CENTS, REFUND_STATE, WAITING_FOR
 from tests.fixtures.temporal import SagaWorld, listed_states, patch_trail
 from workflows.refund_saga import CURRENT_SHAPE, RefundSaga

@@ -263,7 +263,7 @@ async def refund_cli(
         env["REFUND_SIGNING_KEY_FILE"] = str(key_file)
     return await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "refundsaga.cli", *args],
+        [sys.executable, "-m", "console.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -308,7 +308,7 @@ async def test_the_cli_signs_approvals_with_the_key_file(
 
 def test_keys_generate_writes_a_private_key_and_prints_the_public_one(tmp_path: Path) -> None:
     out = tmp_path / "dana.pem"
-    cmd = [sys.executable, "-m", "refundsaga.cli", "keys", "generate", "--out", str(out)]
+    cmd = [sys.executable, "-m", "console.cli", "keys", "generate", "--out", str(out)]
     done = subprocess.run(
         [*cmd, "--as", "dana", "--json"], capture_output=True, text=True, cwd=REPO, timeout=60
     )

@@ -18,7 +18,8 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
-from refundsaga import search_attributes, stack
+from console import stack
+from refundsaga import search_attributes
 from refundsaga.settings import Settings
 
 pytestmark = pytest.mark.devserver

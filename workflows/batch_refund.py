@@ -72,6 +72,7 @@ with workflow.unsafe.imports_passed_through():
         batch_bucket,
         format_money,
     )
+    from refundsaga.ids import workflow_id_for
     from refundsaga.search_attributes import (
         REFUND_AMOUNT_CENTS,
         REFUND_STATE,
@@ -120,12 +121,6 @@ def _error_text(err: BaseException) -> str:
     if isinstance(cause, ApplicationError):
         return f"{cause.type or 'Error'}: {cause.message}"
     return str(cause)
-
-
-def _child_id(purchase_id: int) -> str:
-    # The same id as a saga started by `refund start` (operations.workflow_id_for): one saga
-    # per purchase at a time, whoever starts it.
-    return f"refund-{purchase_id}"
 
 
 def _forget(task: asyncio.Task[Any]) -> None:
@@ -430,7 +425,7 @@ class BatchRefund:
             handle = await workflow.start_child_workflow(
                 RefundSaga.run,
                 request,
-                id=_child_id(item.purchase_id),
+                id=workflow_id_for(item.purchase_id),
                 # The sagas are independent once started: past the pivot they must finish
                 # whatever happens to the batch, and they outlive each run of it.
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
@@ -449,7 +444,7 @@ class BatchRefund:
             self._issue(
                 item.purchase_id,
                 "skipped",
-                f"a refund saga is already running as {_child_id(item.purchase_id)}: it goes "
+                f"a refund saga is already running as {workflow_id_for(item.purchase_id)}: it goes "
                 "on on its own",
             )
             return
@@ -459,7 +454,7 @@ class BatchRefund:
     async def child_report(self, report: BatchChildReport) -> None:
         """A child saga moved between buckets (running, waiting, needs attention, ended)."""
         pid = report.purchase_id
-        if pid not in self._children or report.workflow_id != _child_id(pid):
+        if pid not in self._children or report.workflow_id != workflow_id_for(pid):
             self._ignore(
                 "child_report", report.workflow_id, "not a saga this batch started and holds open"
             )

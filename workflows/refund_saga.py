@@ -128,7 +128,7 @@ CURRENT_SHAPE = "local-store-steps-and-lists-at-rest"
 # `workflow.patched`: no marker and no `TemporalChangeVersion` upsert, two history events and a
 # visibility write (about 5 ms of Temporal server CPU, bench/README.md) less per saga. The memo
 # is in the start event, so a replay decides the same. `refund start` and starter.py set it
-# (refundsaga.operations.start_refund), and so do batches (CHILDREN_PINNED); a saga started
+# (console.operations.start_refund), and so do batches (CHILDREN_PINNED); a saga started
 # without it (by an older starter or batch run) asks the patch as before. Shapes named here
 # are honoured for as long as sagas started with them may be running.
 SHAPE_MEMO = "saga_shape"

@@ -5,7 +5,6 @@ state) or an `OperationError` (exit 1: something else), with a one-line message.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from refundsaga.contracts import (
     SagaState,
     SagaStatus,
 )
+from refundsaga.ids import batch_id_for, restore_id_for, workflow_id_for
 from refundsaga.processor import ProcessorClient, ProcessorError
 from refundsaga.settings import Settings
 from refundsaga.signing import SigningError, StartRequest, load_private_key, sign_request
@@ -73,11 +73,6 @@ class Refused(Exception):
 
 class OperationError(Exception):
     """Anything else that went wrong (exit 1)."""
-
-
-def workflow_id_for(purchase_id: int) -> str:
-    """One saga per purchase at a time: the workflow id is derived from the purchase."""
-    return f"refund-{purchase_id}"
 
 
 def resolve_workflow_id(ref: str) -> str:
@@ -426,14 +421,6 @@ PURGE_EVERY = timedelta(days=1)
 _POLL_S = 1.0
 
 
-def batch_id_for(*, product_id: int | None = None, purchase_ids: Sequence[int] = ()) -> str:
-    """One batch per product (or per list of purchases) at a time: the id says which."""
-    if product_id is not None:
-        return f"batch-product-{product_id}"
-    digest = hashlib.sha256(",".join(map(str, sorted(purchase_ids))).encode()).hexdigest()
-    return f"batch-list-{digest[:12]}"
-
-
 async def start_batch(
     client: Client, settings: Settings, inp: BatchRefundInput
 ) -> WorkflowHandle[BatchRefund, BatchStatus]:
@@ -591,11 +578,6 @@ async def dry_run_batch(
         rate_per_s=plan.summary.rate_per_s,
     )
     return BatchPlan(summary=summary, items=items)
-
-
-def restore_id_for(saga_workflow_id: str) -> str:
-    """One restore per saga at a time."""
-    return f"restore-{saga_workflow_id}"
 
 
 async def start_restore(

@@ -963,7 +963,7 @@ class _Temporal:
             ``created`` or ``updated``; a failure is reported, not raised: the stack works
             without it, and `refund schedules ensure` can be run later.
         """
-        from refundsaga.operations import ensure_purge_schedule
+        from console.operations import ensure_purge_schedule
         from refundsaga.temporal import payload_data_converter
 
         async def ensure() -> str:

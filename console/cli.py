@@ -29,7 +29,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from temporalio.client import Client
 
-from refundsaga import operations as ops
+from console import operations as ops
+from console.terminal import json_for_terminal, markup_safe, printable, terminal_console
 from refundsaga.contracts import (
     MAX_BATCH_PURCHASES,
     AmsConfirmation,
@@ -59,7 +60,6 @@ from refundsaga.signing import (
     write_private_key,
 )
 from refundsaga.temporal import TemporalUnavailable, connect, run_and_exit
-from refundsaga.terminal import json_for_terminal, markup_safe, printable, terminal_console
 
 T = TypeVar("T")
 
@@ -927,8 +927,8 @@ def seed(
 
     Example: refund seed --scenario standard --count 3 --json
     """
-    from refundsaga.seed import SCENARIOS, SeedError
-    from refundsaga.seed import seed as seed_data
+    from console.seed import SCENARIOS, SeedError
+    from console.seed import seed as seed_data
     from refundsaga.store import OasisStore
 
     chosen = scenario or list(SCENARIOS)
@@ -1450,7 +1450,7 @@ def _progress(message: str) -> None:
 
 
 def _stack_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    from refundsaga.stack import StackError
+    from console.stack import StackError
 
     try:
         return fn(*args, **kwargs)
@@ -1474,7 +1474,7 @@ def _print_components(components: list[Any], as_json: bool) -> None:
 @stack_app.command("up")
 def stack_up(as_json: JsonOpt = False) -> None:
     """Start Temporal (with its UI), the sandboxes, the store and a worker; wait until ready."""
-    from refundsaga import stack
+    from console import stack
 
     settings = load_settings()
     components = _stack_call(stack.up, settings, on_progress=_progress)
@@ -1486,7 +1486,7 @@ def stack_up(as_json: JsonOpt = False) -> None:
 @stack_app.command("down")
 def stack_down(as_json: JsonOpt = False) -> None:
     """Stop every component of the embedded stack and free its ports."""
-    from refundsaga import stack
+    from console import stack
 
     components = _stack_call(stack.down, load_settings(), on_progress=_progress)
     _print_components(components, as_json)
@@ -1495,7 +1495,7 @@ def stack_down(as_json: JsonOpt = False) -> None:
 @stack_app.command("status")
 def stack_status(as_json: JsonOpt = False) -> None:
     """Show each component: running or not, pid, URL."""
-    from refundsaga import stack
+    from console import stack
 
     _print_components(_stack_call(stack.status, load_settings()), as_json)
 

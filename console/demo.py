@@ -13,14 +13,14 @@ import sys
 
 import httpx
 
-from refundsaga import operations as ops
-from refundsaga import stack
+from console import operations as ops
+from console import stack
+from console.seed import SeededPurchase, seed
+from console.terminal import markup_safe, terminal_console
 from refundsaga.contracts import ApprovalDecision, RefundRequest, SagaState, format_money
-from refundsaga.seed import SeededPurchase, seed
 from refundsaga.settings import Settings, get_settings
 from refundsaga.store import OasisStore
 from refundsaga.temporal import connect, run_and_exit
-from refundsaga.terminal import markup_safe, terminal_console
 
 # Shows, never obeys, control characters in what the stack and the saga say.
 console = terminal_console()
