@@ -1,19 +1,24 @@
-"""Notifications to people (approval requests, reminders, AMS tasks, NEEDS_ATTENTION)."""
+"""Notifications to people (approval requests, reminders, AMS tasks, NEEDS_ATTENTION).
+
+The webhook speaks Standard Webhooks (https://www.standardwebhooks.com): a receiver verifies it
+with an off-the-shelf library (`standardwebhooks.Webhook(secret).verify(body, headers)`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
+import base64
+import binascii
 import logging
-import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import httpx
 from pydantic import SecretStr
+from standardwebhooks import Webhook
 from temporalio import activity
 
 from refundsaga.contracts import Notification
@@ -22,7 +27,7 @@ if TYPE_CHECKING:
     from refundsaga.settings import Settings
 
 __all__ = [
-    "DELIVERY_HEADER",
+    "ID_HEADER",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
     "ClosableNotifier",
@@ -33,19 +38,17 @@ __all__ = [
     "WebhookDeliveryError",
     "WebhookNotifier",
     "notifier_from_settings",
-    "sign",
     "validate_notify_settings",
-    "verify",
 ]
 
 log = logging.getLogger("refundsaga.notify")
 
-SIGNATURE_HEADER = "X-Refund-Signature"
-"""`sha256=<hex HMAC-SHA256 of f"{timestamp}.{raw body}" keyed with the webhook secret>`."""
-TIMESTAMP_HEADER = "X-Refund-Timestamp"
-"""Unix seconds when the request was signed; receivers reject old ones (replays)."""
-DELIVERY_HEADER = "X-Refund-Delivery"
+ID_HEADER = "webhook-id"
 """The same for every retry of one notification, so receivers can drop duplicates."""
+TIMESTAMP_HEADER = "webhook-timestamp"
+"""Unix seconds when the request was signed; receivers reject old ones (replays)."""
+SIGNATURE_HEADER = "webhook-signature"
+"""`v1,<base64 HMAC-SHA256 of f"{id}.{timestamp}.{raw body}">`, keyed with the secret's bytes."""
 
 
 class Notifier(Protocol):
@@ -87,35 +90,6 @@ class LogNotifier:
         """Nothing to close."""
 
 
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """The `X-Refund-Signature` value for a body sent at `timestamp` (unix seconds).
-
-    The timestamp is part of the signed content (`f"{timestamp}.{body}"`), so a captured
-    request cannot be replayed later with a fresh timestamp.
-    """
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return f"sha256={mac.hexdigest()}"
-
-
-def verify(
-    secret: str,
-    timestamp: str,
-    body: bytes,
-    signature: str,
-    *,
-    tolerance_s: float = 300,
-    now: float | None = None,
-) -> bool:
-    """What a receiver does: check the signature in constant time and that it is recent."""
-    try:
-        age = (time.time() if now is None else now) - int(timestamp)
-    except ValueError:
-        return False
-    if abs(age) > tolerance_s:
-        return False
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
-
-
 def _final_activity_attempt() -> bool:
     """Whether this runs in the last attempt its activity's retry policy allows."""
     if not activity.in_activity():
@@ -135,7 +109,7 @@ def _delivery_id() -> str:
 
 
 class WebhookNotifier:
-    """POSTs each notification as JSON, signed with HMAC-SHA256 (see `sign`).
+    """POSTs each notification as JSON, signed as Standard Webhooks specify.
 
     Runs inside the `notify` activity, whose Temporal retry policy applies on top: the
     in-process tries are short (by default 3 within about a second plus the request
@@ -159,7 +133,8 @@ class WebhookNotifier:
         if tries < 1:
             raise ValueError("tries must be at least 1")
         self._url = url
-        self._secret = secret if isinstance(secret, SecretStr) else SecretStr(secret)
+        raw = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+        self._signer = Webhook(raw)
         self._tries = tries
         self._backoff_s = backoff_s
         # Only scheme and host in logs and errors: webhook URLs often carry a token in the path.
@@ -203,11 +178,11 @@ class WebhookNotifier:
         failure = ""
         for attempt in range(1, self._tries + 1):
             # A fresh timestamp per try, so a retry after a slow failure is not already stale.
-            timestamp = str(int(time.time()))
+            now = datetime.now(UTC)
             headers = {
-                TIMESTAMP_HEADER: timestamp,
-                SIGNATURE_HEADER: sign(self._secret.get_secret_value(), timestamp, body),
-                DELIVERY_HEADER: delivery,
+                ID_HEADER: delivery,
+                TIMESTAMP_HEADER: str(int(now.timestamp())),
+                SIGNATURE_HEADER: self._signer.sign(msg_id=delivery, timestamp=now, data=body),
             }
             try:
                 response = await self._http.post(self._url, content=body, headers=headers)
@@ -257,11 +232,23 @@ class CompositeNotifier:
             await notifier.aclose()
 
 
+def is_webhook_secret(value: str) -> bool:
+    """Whether `value` is `whsec_` + base64 of 24-64 bytes, as Standard Webhooks secrets are."""
+    if not value.startswith("whsec_"):
+        return False
+    try:
+        raw = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        return False
+    return 24 <= len(raw) <= 64
+
+
 def validate_notify_settings(settings: Settings) -> None:
     """Check the webhook settings; the worker calls this first thing.
 
     Raises:
-        NotifyConfigError: The URL is set without a secret, or is not an http(s) URL.
+        NotifyConfigError: The URL is set without a secret, the secret is not a Standard Webhooks
+            secret (`whsec_` and base64), or the URL is not an http(s) URL.
     """
     url = settings.notify_webhook_url
     if not url:
@@ -271,6 +258,11 @@ def validate_notify_settings(settings: Settings) -> None:
         raise NotifyConfigError(
             "REFUND_NOTIFY_WEBHOOK_SECRET must be set when REFUND_NOTIFY_WEBHOOK_URL is set: "
             "every webhook request is signed with it"
+        )
+    if not is_webhook_secret(secret.get_secret_value()):
+        raise NotifyConfigError(
+            "REFUND_NOTIFY_WEBHOOK_SECRET must be a Standard Webhooks secret: whsec_ followed by "
+            "base64 of 24 to 64 random bytes (make one with `refund keys webhook-secret`)"
         )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:

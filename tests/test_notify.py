@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import hmac
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from pydantic import SecretStr
+from standardwebhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -24,7 +26,7 @@ from refundsaga.ams import HttpAmsClient
 from refundsaga.approval import policy_from_settings
 from refundsaga.contracts import CloseInput, Notification, SagaState
 from refundsaga.notify import (
-    DELIVERY_HEADER,
+    ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     CompositeNotifier,
@@ -33,7 +35,6 @@ from refundsaga.notify import (
     WebhookDeliveryError,
     WebhookNotifier,
     notifier_from_settings,
-    verify,
 )
 from refundsaga.processor import ProcessorClient
 from refundsaga.settings import Settings
@@ -41,7 +42,16 @@ from refundsaga.store import OasisStore
 from tests.fixtures.sandboxes import serve_app
 from tests.fixtures.stack import free_ports
 
-SECRET = "whsec_test_notify"
+SECRET = "whsec_" + base64.b64encode(b"refundsaga-notify-test-secret-32").decode()
+
+
+def verify(body: bytes, headers: dict[str, str], secret: str = SECRET) -> bool:
+    """What a receiver does, with the Standard Webhooks library and nothing of ours."""
+    try:
+        Webhook(secret).verify(body, headers)
+    except WebhookVerificationError:
+        return False
+    return True
 
 
 @dataclass
@@ -111,22 +121,20 @@ async def test_posts_the_notification_as_signed_json(receiver: Receiver) -> None
     (got,) = receiver.requests
     assert got.headers["content-type"] == "application/json"
     assert json.loads(got.body) == note.model_dump(mode="json")
-    timestamp = got.headers[TIMESTAMP_HEADER.lower()]
-    # What a receiver does, independently of the notifier's own helper.
-    expected = hmac.new(SECRET.encode(), f"{timestamp}.".encode() + got.body, hashlib.sha256)
-    assert got.headers[SIGNATURE_HEADER.lower()] == f"sha256={expected.hexdigest()}"
-    assert verify(SECRET, timestamp, got.body, got.headers[SIGNATURE_HEADER.lower()])
-    assert not verify("other", timestamp, got.body, got.headers[SIGNATURE_HEADER.lower()])
-    tampered = got.body.replace(b"42", b"43")
-    assert not verify(SECRET, timestamp, tampered, got.headers[SIGNATURE_HEADER.lower()])
-    # The timestamp is signed: a replay with a fresh one does not verify.
+    assert verify(got.body, got.headers)
+    # The scheme spelled out, independently of any library: v1,base64(HMAC(id.timestamp.body)).
+    key = base64.b64decode(SECRET.removeprefix("whsec_"))
+    signed = f"{got.headers[ID_HEADER]}.{got.headers[TIMESTAMP_HEADER]}.".encode() + got.body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    assert got.headers[SIGNATURE_HEADER] == f"v1,{expected}"
+    other = "whsec_" + base64.b64encode(b"another-secret-of-thirty-two-byt").decode()
+    assert not verify(got.body, got.headers, other)
+    assert not verify(got.body.replace(b"42", b"43"), got.headers)
+    # The id and timestamp are signed: a replay with a fresh timestamp or a new id fails.
     assert not verify(
-        SECRET,
-        str(int(timestamp) + 1),
-        got.body,
-        got.headers[SIGNATURE_HEADER.lower()],
-        now=int(timestamp),
+        got.body, {**got.headers, TIMESTAMP_HEADER: str(int(got.headers[TIMESTAMP_HEADER]) + 1)}
     )
+    assert not verify(got.body, {**got.headers, ID_HEADER: "another"})
 
 
 async def test_retries_after_a_500_with_the_same_delivery_id(receiver: Receiver) -> None:
@@ -136,10 +144,9 @@ async def test_retries_after_a_500_with_the_same_delivery_id(receiver: Receiver)
 
     first, second = receiver.requests
     assert first.body == second.body
-    assert first.headers[DELIVERY_HEADER.lower()] == second.headers[DELIVERY_HEADER.lower()]
+    assert first.headers[ID_HEADER] == second.headers[ID_HEADER]
     for got in (first, second):
-        timestamp = got.headers[TIMESTAMP_HEADER.lower()]
-        assert verify(SECRET, timestamp, got.body, got.headers[SIGNATURE_HEADER.lower()])
+        assert verify(got.body, got.headers)
 
 
 async def test_gives_up_after_its_tries_and_raises_for_temporal(receiver: Receiver) -> None:
@@ -182,7 +189,7 @@ async def test_the_last_activity_attempt_logs_and_drops(
         with caplog.at_level(logging.ERROR, logger="refundsaga.notify"):
             await env.run(webhook.send, note)  # a lost notification must not fail the saga
     assert "notification dropped after the last attempt" in caplog.text
-    deliveries = {r.headers[DELIVERY_HEADER.lower()] for r in receiver.requests}
+    deliveries = {r.headers[ID_HEADER] for r in receiver.requests}
     assert len(receiver.requests) == 4 and len(deliveries) == 1
 
 
@@ -215,8 +222,18 @@ async def test_notifier_from_settings() -> None:
         notifier_from_settings(Settings(notify_webhook_url="https://hooks.example.org/refunds"))
     with pytest.raises(NotifyConfigError, match="http"):
         notifier_from_settings(
-            Settings(notify_webhook_url="ftp://example.org", notify_webhook_secret=SecretStr("s"))
+            Settings(
+                notify_webhook_url="ftp://example.org", notify_webhook_secret=SecretStr(SECRET)
+            )
         )
+    for weak in ("s", "whsec_short", "whsec_not*base64*at*all*but*long*enough*!!"):
+        with pytest.raises(NotifyConfigError, match="Standard Webhooks secret"):
+            notifier_from_settings(
+                Settings(
+                    notify_webhook_url="https://hooks.example.org/refunds",
+                    notify_webhook_secret=SecretStr(weak),
+                )
+            )
     both = notifier_from_settings(
         Settings(
             notify_webhook_url="https://hooks.example.org/refunds",
