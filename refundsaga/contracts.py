@@ -8,9 +8,11 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from refundsaga.message import CURRENCY_PATTERN, MAX_STORE_INT, Message
 from refundsaga.models import AccessDecision, EntitlementSource, LedgerEntry
+from refundsaga.processor_events import Reconciliation
 
 # User names of support staff, approvers and operators: short identifiers, not personal names.
 ACTOR_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -30,10 +32,6 @@ _SQL = re.compile(
     r"|'\s*or\s+'?\d+'?\s*=\s*'?\d+",
     re.IGNORECASE,
 )
-CURRENCY_PATTERN = r"^[a-z]{3}$"
-# The store's ids and cents are SQL INTEGER (32-bit on PostgreSQL): a larger purchase id would
-# fail the prepare step with an overflow, retried, instead of being refused at once.
-MAX_STORE_INT = 2**31 - 1
 # Base64 of a 64-byte Ed25519 signature is 88 characters; the bound keeps junk out of history.
 SIGNATURE_PATTERN = r"^[A-Za-z0-9+/]{1,200}={0,2}$"
 
@@ -52,12 +50,6 @@ def clean_free_text(value: str, *, field: str) -> str:
             f"{field} must not contain an email address: personal data stays out of the saga"
         )
     return value
-
-
-class Message(BaseModel):
-    """Base of every saga message: strict about unknown fields."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class SagaState(StrEnum):
@@ -119,6 +111,9 @@ class RefundRequest(Message):
     # nonce makes each signed request usable by one saga only.
     nonce: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
     signature: str | None = Field(default=None, pattern=SIGNATURE_PATTERN)
+    # Set for a reconciliation (refundsaga.processor_events.Reconciliation): money that went back
+    # outside OASIS; the saga moves none and checks the claim at the processor.
+    reconcile: Reconciliation | None = None
 
     @field_validator("reason")
     @classmethod

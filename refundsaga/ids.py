@@ -24,3 +24,13 @@ def batch_id_for(*, product_id: int | None = None, purchase_ids: Sequence[int] =
 def restore_id_for(saga_workflow_id: str) -> str:
     """One restore per saga at a time."""
     return f"restore-{saga_workflow_id}"
+
+
+def reconcile_id_for(purchase_id: int) -> str:
+    """One reconciliation per purchase at a time, however many events report the money back."""
+    return f"reconcile-{purchase_id}"
+
+
+def failed_refund_id_for(refund_id: str) -> str:
+    """One ops task per refund the processor failed after its saga completed."""
+    return f"refund-failed-{refund_id}"
