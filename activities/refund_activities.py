@@ -22,7 +22,6 @@ from refundsaga.ams import AmsClient, AmsError
 from refundsaga.approval import required_approvals, start_refusal
 from refundsaga.contracts import (
     REFUND_REQUEST_METADATA,
-    AmsAction,
     AmsRemovalInput,
     AmsRemovalResult,
     ApprovalPolicy,
@@ -42,8 +41,10 @@ from refundsaga.contracts import (
 )
 from refundsaga.models import AccessDecision, LedgerEntry, RecordRefundsResult, RevokeResult
 from refundsaga.notify import Notifier
+from refundsaga.planning import PlanRefusal, check_request, plan_refund
 from refundsaga.processor import (
     ChargeNotFound,
+    ProcessorCharge,
     ProcessorClient,
     ProcessorError,
     ProcessorRefund,
@@ -164,51 +165,36 @@ class RefundActivities:
             if refusal:
                 raise _invalid(f"{refusal}; nothing changed")
         with _translated():
-            purchase = await asyncio.to_thread(self._store.load_purchase, req.purchase_id)
-            if purchase is None:
-                raise _invalid(f"purchase {req.purchase_id} does not exist")
-            if req.currency and req.currency != purchase.currency:
-                raise _invalid(
-                    f"currency {req.currency} does not match the purchase's {purchase.currency}"
-                )
-            rest = purchase.refundable_cents
+            checked = check_request(
+                req.purchase_id,
+                await asyncio.to_thread(self._store.load_purchase, req.purchase_id),
+                amount_cents=req.amount_cents,
+                currency=req.currency,
+            )
+            # Refused on the store's facts alone: no processor read.
+            if isinstance(checked, PlanRefusal):
+                raise _invalid(checked.message)
+            purchase = checked
+            charge: ProcessorCharge | None = None
+            # The processor's answer, as the cause of the refusal of an unknown charge.
+            unknown: ChargeNotFound | None = None
             try:
                 charge = await self._processor.get_charge(purchase.processor_charge_id)
             except ChargeNotFound as err:
-                raise _invalid(
-                    f"the processor does not know charge {purchase.processor_charge_id}"
-                ) from err
-        processor_rest = max(charge.amount_cents - charge.amount_refunded_cents, 0)
-        already = processor_rest == 0
-        if rest == 0 and not already:
-            raise _invalid(f"purchase {purchase.purchase_id} is already fully refunded in OASIS")
-        amount = req.amount_cents if req.amount_cents is not None else rest
-        if amount > rest and not already:
-            raise _invalid(
-                f"amount {amount} exceeds the unrefunded rest of {rest} {purchase.currency}"
-            )
-        if not already and amount > processor_rest:
-            raise _invalid(
-                f"the processor can refund only {processor_rest} {purchase.currency} more "
-                f"({charge.amount_refunded_cents} already refunded there); ask for at most that"
-            )
-        full = already or amount == rest
-        revoke = full if req.revoke_progress is None else req.revoke_progress
-        remove = full if req.remove_entitlement is None else req.remove_entitlement
-        ams_action: AmsAction = "none"
-        if remove:
-            if purchase.entitlement_source == "ams":
-                if not purchase.ams_member_id:
-                    raise _invalid(
-                        f"user {purchase.user_id} has no AMS member id; the AMS entitlement "
-                        "cannot be removed"
-                    )
-                ams_action = "remove_via_api"
-            elif purchase.entitlement_source == "ams_manual":
-                ams_action = "manual_task"
-            else:
-                ams_action = "deactivate_purchase"
-        moved = 0 if already else amount
+                unknown = err
+        planned = plan_refund(
+            req.purchase_id,
+            purchase,
+            charge,
+            amount_cents=req.amount_cents,
+            currency=req.currency,
+            revoke_progress=req.revoke_progress,
+            remove_entitlement=req.remove_entitlement,
+            refunded_everywhere="plan",
+        )
+        if isinstance(planned, PlanRefusal):
+            raise _invalid(planned.message) from unknown
+        assert charge is not None  # planned, so the processor knows the charge
         request_id = inp.request_id
         if request_id is not None:
             with _translated():
@@ -232,15 +218,15 @@ class RefundActivities:
             purchase_amount_cents=purchase.amount_cents,
             ledger_refunded_cents=purchase.refunded_cents,
             processor_refunded_cents=charge.amount_refunded_cents,
-            amount_cents=moved,
-            full_refund=full,
-            already_refunded=already,
-            revoke_progress=revoke,
-            progress_records=purchase.progress_count if revoke else 0,
-            remove_entitlement=remove,
-            ams_action=ams_action,
+            amount_cents=planned.amount_cents,
+            full_refund=planned.full_refund,
+            already_refunded=planned.already_refunded,
+            revoke_progress=planned.revoke_progress,
+            progress_records=planned.progress_records,
+            remove_entitlement=planned.remove_entitlement,
+            ams_action=planned.ams_action,
             required_approvals=required_approvals(
-                self._policy, moved, refunded_before_cents=purchase.refunded_cents
+                self._policy, planned.amount_cents, refunded_before_cents=purchase.refunded_cents
             ),
             policy=self._policy,
         )

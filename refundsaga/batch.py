@@ -12,7 +12,6 @@ from sqlalchemy import func, select
 
 from refundsaga.approval import required_approvals
 from refundsaga.contracts import (
-    AmsAction,
     ApprovalPolicy,
     BatchChildEnd,
     BatchItem,
@@ -21,6 +20,7 @@ from refundsaga.contracts import (
     SagaState,
 )
 from refundsaga.models import PurchaseSnapshot
+from refundsaga.planning import PlanRefusal, RefusalKind, plan_refund
 from refundsaga.processor import (
     ChargeNotFound,
     ProcessorCharge,
@@ -51,13 +51,15 @@ SKIP_PROCESSOR_SHORT = "the processor can refund less than OASIS expects: refund
 SKIP_NO_AMS_MEMBER = "the buyer has no AMS member id: the AMS entitlement cannot be removed"
 
 
-def ams_action_for(snapshot: PurchaseSnapshot) -> AmsAction:
-    """What a full refund of this purchase does to the entitlement (as the saga plans it)."""
-    if snapshot.entitlement_source == "ams":
-        return "remove_via_api"
-    if snapshot.entitlement_source == "ams_manual":
-        return "manual_task"
-    return "deactivate_purchase"
+# The batch counts its skips by reason, so a reason is a fixed phrase (the saga's refusals
+# name the figures); it plans no amount or currency, so it meets no other refusal.
+SKIP_REASONS: dict[RefusalKind, str] = {
+    "purchase_not_found": SKIP_NOT_FOUND,
+    "charge_unknown": SKIP_CHARGE_UNKNOWN,
+    "refunded_in_oasis": SKIP_REFUNDED_IN_OASIS,
+    "processor_short": SKIP_PROCESSOR_SHORT,
+    "no_ams_member": SKIP_NO_AMS_MEMBER,
+}
 
 
 def plan_item(
@@ -67,7 +69,7 @@ def plan_item(
 ) -> BatchItem:
     """What a batch does for one purchase: a full refund of the unrefunded rest, or a skip.
 
-    Follows the saga's own preparation, so that every included purchase is one its saga will
+    Plans as the saga's preparation does, so that every included purchase is one its saga will
     accept: a charge the processor has fully refunded outside OASIS is included (no money
     moves, progress and entitlement still go); a purchase OASIS holds as fully refunded, and
     anything a saga would refuse, is skipped, with why.
@@ -77,33 +79,26 @@ def plan_item(
         snapshot: The purchase as the store holds it, or None when there is none.
         charge: The processor's charge, or None when the processor does not know it.
     """
+    planned = plan_refund(purchase_id, snapshot, charge, refunded_everywhere="refuse")
     if snapshot is None:
-        return BatchItem(purchase_id=purchase_id, skip_reason=SKIP_NOT_FOUND)
-    item = BatchItem(
-        purchase_id=purchase_id,
-        user_id=snapshot.user_id,
-        product_id=snapshot.product_id,
-        currency=snapshot.currency,
-        purchase_amount_cents=snapshot.amount_cents,
-    )
-    if charge is None:
-        return item.model_copy(update={"skip_reason": SKIP_CHARGE_UNKNOWN})
-    rest = snapshot.refundable_cents
-    already = charge.refundable_cents == 0
-    if rest == 0:
-        # Its saga has run already (or OASIS recorded the refund): nothing left to do here.
-        return item.model_copy(update={"skip_reason": SKIP_REFUNDED_IN_OASIS})
-    if not already and rest > charge.refundable_cents:
-        return item.model_copy(update={"skip_reason": SKIP_PROCESSOR_SHORT})
-    action = ams_action_for(snapshot)
-    if action == "remove_via_api" and not snapshot.ams_member_id:
-        return item.model_copy(update={"skip_reason": SKIP_NO_AMS_MEMBER})
+        item = BatchItem(purchase_id=purchase_id)
+    else:
+        item = BatchItem(
+            purchase_id=purchase_id,
+            user_id=snapshot.user_id,
+            product_id=snapshot.product_id,
+            currency=snapshot.currency,
+            purchase_amount_cents=snapshot.amount_cents,
+        )
+    if isinstance(planned, PlanRefusal):
+        reason = SKIP_REASONS.get(planned.kind, planned.message)
+        return item.model_copy(update={"skip_reason": reason})
     return item.model_copy(
         update={
-            "amount_cents": 0 if already else rest,
-            "already_refunded": already,
-            "progress_records": snapshot.progress_count,
-            "ams_action": action,
+            "amount_cents": planned.amount_cents,
+            "already_refunded": planned.already_refunded,
+            "progress_records": planned.progress_records,
+            "ams_action": planned.ams_action,
         }
     )
 

@@ -56,8 +56,6 @@ from refundsaga.contracts import (
     SagaState,
     SagaStatus,
 )
-from refundsaga.models import PurchaseSnapshot
-from refundsaga.processor import ProcessorCharge
 from refundsaga.search_attributes import PURCHASE_ID, REFUND_STATE
 from refundsaga.settings import Settings
 from refundsaga.signing import generate_private_key, public_key_b64, sign_decision, sign_request
@@ -70,6 +68,7 @@ from tests.fixtures.batch import (
     isolated_batch_world,
     seed_buyers,
 )
+from tests.fixtures.planning import charge, snapshot
 from tests.fixtures.stack import LiveStack
 from tests.fixtures.temporal import SagaWorld, listed_states, patch_trail
 from workflows.batch_refund import CHILDREN_PINNED, BatchRefund
@@ -82,34 +81,6 @@ REFUND = [sys.executable, "-m", "console.cli"]
 
 
 # --- planning and pacing, pure --------------------------------------------------------------
-
-
-def snapshot(**changes: Any) -> PurchaseSnapshot:
-    fields: dict[str, Any] = {
-        "purchase_id": 7,
-        "user_id": 70,
-        "product_id": 3,
-        "product_code": "EVT-1",
-        "entitlement_source": "ams",
-        "ams_member_id": "M-70",
-        "amount_cents": 9_995,
-        "currency": "usd",
-        "refunded_cents": 0,
-        "status": "active",
-        "processor_charge_id": "ch_7",
-        "progress_count": 4,
-    }
-    return PurchaseSnapshot(**{**fields, **changes})
-
-
-def charge(amount: int = 9_995, refunded: int = 0) -> ProcessorCharge:
-    return ProcessorCharge(
-        id="ch_7",
-        amount_cents=amount,
-        currency="usd",
-        amount_refunded_cents=refunded,
-        refunded=refunded >= amount,
-    )
 
 
 def test_plan_item_refunds_the_rest_or_says_why_not() -> None:
