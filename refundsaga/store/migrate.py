@@ -11,8 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, make_url, pool, text
 from sqlalchemy.exc import OperationalError
 
+from refundsaga.store.engine import sqlite_database_path
 from refundsaga.store.errors import DatabaseUnavailable
-from refundsaga.store.store import sqlite_database_path
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 

@@ -7,8 +7,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection, Engine, create_engine, event, pool, text
 
+from refundsaga.store.engine import ensure_sqlite_directory
 from refundsaga.store.schema import Base
-from refundsaga.store.store import ensure_sqlite_directory
 
 # Any constant works; it only has to be the same for every process migrating this database.
 _MIGRATION_LOCK_KEY = 0x0A515_0001
