@@ -25,16 +25,10 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
-from bench.bench import (
-    RESULTS,
-    BenchStack,
-    bench_stack,
-    cpu_seconds,
-    history_stats,
-    load_1m,
-    wait_for_quiet,
-    write_report,
-)
+from bench.lib.measure import cpu_seconds, history_stats, load_1m, wait_if_asked
+from bench.lib.options import add_run_options
+from bench.lib.report import RESULTS, write_report
+from bench.lib.stack import BenchStack, bench_stack
 from console import operations as ops
 from console.seed import seed_buyers
 from refundsaga.batch import max_in_window
@@ -180,12 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="REFUND_PROCESSOR_CALLS_PER_S for the stack's worker (default: the setting's)",
     )
     parser.add_argument("--json-out", type=Path, default=RESULTS / "batch.json")
-    parser.add_argument("--max-load", type=float, default=None)
-    parser.add_argument("--max-wait", type=float, default=300)
-    parser.add_argument("--bytecode", choices=("inherit", "cache"), default="inherit")
+    add_run_options(parser, sandbox_state=False)
     args = parser.parse_args(argv)
-    if args.max_load is not None:
-        print(f"load {wait_for_quiet(args.max_load, args.max_wait):.2f}")
+    wait_if_asked(args.max_load, args.max_wait)
     if args.processor_calls_per_s is not None:
         # The stack's worker subprocess copies os.environ.
         os.environ["REFUND_PROCESSOR_CALLS_PER_S"] = f"{args.processor_calls_per_s:g}"

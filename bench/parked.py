@@ -12,20 +12,17 @@ from typing import Any
 
 from temporalio.client import Client
 
-from bench.bench import (
-    RESULTS,
-    BenchStack,
-    bench_stack,
+from bench.lib.measure import (
     cpu_seconds,
-    jsonable,
     load_1m,
     machine_busy_seconds,
     reset_peak_rss,
     rss_mb,
-    seed_standard,
-    wait_for_quiet,
-    write_report,
+    wait_if_asked,
 )
+from bench.lib.options import add_run_options
+from bench.lib.report import RESULTS, jsonable, write_report
+from bench.lib.stack import BenchStack, bench_stack, refund_request, seed_standard
 from console.operations import decide_listed, start_refund
 from console.seed import SeededPurchase
 from refundsaga.contracts import ApprovalDecision, RefundRequest, SagaState, SagaStatus
@@ -111,9 +108,7 @@ def _request(purchase: SeededPurchase, *, reference: bool) -> RefundRequest:
             revoke_progress=True,
             remove_entitlement=True,
         )
-    return RefundRequest(
-        purchase_id=purchase.purchase_id, reason="bench: parked", requested_by="sam"
-    )
+    return refund_request(purchase, reason="bench: parked")
 
 
 async def run_parked(
@@ -243,13 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--approve-concurrency", type=int, default=20, help="updates in flight")
     parser.add_argument("--idle-s", type=float, default=60.0)
     parser.add_argument("--json-out", type=Path, default=RESULTS / "parked.json")
-    parser.add_argument("--max-load", type=float, default=None)
-    parser.add_argument("--max-wait", type=float, default=300)
-    parser.add_argument("--sandbox-state", choices=("memory", "file"), default="memory")
-    parser.add_argument("--bytecode", choices=("inherit", "cache"), default="inherit")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    if args.max_load is not None:
-        print(f"load {wait_for_quiet(args.max_load, args.max_wait):.2f}")
+    wait_if_asked(args.max_load, args.max_wait)
     load_before = load_1m()
     with bench_stack(
         auto_approve_below_cents=AUTO_APPROVE_BELOW_CENTS,

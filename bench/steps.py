@@ -33,13 +33,12 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
 from bench.baseline import BASELINE_WORKFLOW, GO_SIGNAL, STANDARD_SAGA_ACTIVITIES, BenchBaseline
-from bench.bench import (
+from bench.lib.measure import load_1m
+from bench.lib.report import RESULTS, write_json
+from bench.lib.stack import (
     AUTO_APPROVE_ALL_CENTS,
     BASELINE_QUEUE,
-    RESULTS,
     bench_stack,
-    jsonable,
-    load_1m,
     refund_request,
     seed_standard,
 )
@@ -305,9 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             r["replay"]["baseline_ms"] for r in report["rounds"]
         ),
     }
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(jsonable(report), indent=2) + "\n")
-    print(f"wrote {args.json_out}")
+    write_json(report, args.json_out)
     return 0
 
 

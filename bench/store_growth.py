@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import secrets
 import statistics
@@ -25,7 +24,8 @@ from typing import Any
 
 from sqlalchemy import create_engine, make_url, text
 
-from bench.bench import RESULTS, jsonable, load_1m
+from bench.lib.measure import load_1m
+from bench.lib.report import RESULTS, write_json
 from refundsaga.models import LedgerEntry
 from refundsaga.store import OasisStore
 from refundsaga.store.migrate import upgrade
@@ -346,9 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for size in result["sizes"]
         )
         print(f"  {'CPU ms per saga':<16} {cpu}")
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(jsonable(report), indent=2) + "\n")
-    print(f"wrote {args.json_out}")
+    write_json(report, args.json_out)
     return 0
 
 

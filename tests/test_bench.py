@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 
-from bench.bench import STACK_DYNAMIC_CONFIG, jsonable, main, percentile, summarize, with_overrides
+from bench.bench import main
+from bench.lib.measure import percentile, summarize
+from bench.lib.report import jsonable
+from bench.lib.stack import STACK_DYNAMIC_CONFIG, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE_KEYS = (
