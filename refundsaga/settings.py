@@ -128,18 +128,18 @@ class Settings(BaseSettings):
     max_concurrent_activities: int = 50
     max_concurrent_workflow_tasks: int = 50
     # The SDK's default is 1,000; at ~0.26 MiB a cached saga that is most of a worker's memory
-    # when thousands wait for approval (bench/README.md, parked sagas).
+    # when thousands wait for approval (docs/decisions/0007).
     max_cached_workflows: int = Field(default=500, ge=0)
     # The SDK's workflow sandbox re-imports the workflow module for every workflow run and
     # runs each activation through its import guard: ~40 % of the saga worker's CPU
-    # (bench/README.md). The worker runs without it; the tests run every saga with it, and CI
+    # (docs/decisions/0005). The worker runs without it; the tests run every saga with it, and CI
     # replays every recorded history under both runners (tests/test_replay.py), so a
     # non-deterministic call fails there, not in production. True: the sandbox here too.
     workflow_sandbox: bool = False
     # How many polls each worker keeps open per task queue and kind: a fixed maximum (the
     # SDK's default, 5), or "auto" to let the Temporal server scale them (1 to 100) from its
     # backlog. On the embedded dev server "auto" matched more tasks to a waiting poll but cost
-    # the server more polls, and was no faster (bench/README.md); a cluster with many workers
+    # the server more polls, and was no faster (docs/decisions/0007); a cluster with many workers
     # may differ.
     worker_pollers: Annotated[Annotated[int, Field(ge=1)] | Literal["auto"], NoDecode] = 5
     log_format: Literal["auto", "json", "text"] = "auto"

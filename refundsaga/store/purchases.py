@@ -15,7 +15,7 @@ from refundsaga.store.schema import CourseProgress, Product, Purchase, User
 
 # The saga's statements are built once with bound parameters, here and in the store's other
 # modules. Building a statement and its cache key on every call cost more CPU than the
-# database's own work on these one-row queries (bench/README.md, "Statements built once").
+# database's own work on these one-row queries (docs/decisions/0009).
 _PROGRESS_OF_PURCHASE = (
     select(func.count())
     .select_from(CourseProgress)
