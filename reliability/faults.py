@@ -4,8 +4,8 @@ The sandboxes' fault profiles (5xx, hung requests, dropped connections, lost res
 latency) and the counts read back from their request logs. Then two things that happen to real
 sagas and that no fault profile imitates: ops reset a workflow in the Temporal UI, which starts
 a new run of the same workflow id from an earlier point; and Stripe prunes idempotency keys
-once they are a day old, so a resend under an old key executes again. The planning and the
-checks are pure; the calls that act are thin.
+once they are a day old, so a resend under an old key executes again. The planning is pure;
+the calls that act are thin; the checks that these happened are in `reliability.invariants`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ __all__ = [
     "PruneRecord",
     "ResetRecord",
     "advance_clock",
-    "check_resets_and_prunes",
     "endpoint",
     "fault_counts",
     "find_reset_point",
@@ -391,36 +390,3 @@ def table_line(chaos: dict[str, Any]) -> str:
         f"  resets:      {chaos['resets']} (from {chaos['reset_from']}), key prunings "
         f"{chaos['key_prunes']} (sagas in flight at each: {in_flight})"
     )
-
-
-def check_resets_and_prunes(
-    *,
-    resets: Sequence[ResetRecord],
-    planned_resets: int,
-    prunes: Sequence[PruneRecord],
-    planned_prunes: int,
-    end_runs: dict[str, str | None],
-) -> list[str]:
-    """Breaches: resets or prunes that did not happen, and reset sagas judged on an old run.
-
-    Args:
-        end_runs: The run id each reset saga was last seen ending in (None: not seen ending).
-    """
-    breaches: list[str] = []
-    if len(resets) != planned_resets:
-        breaches.append(f"{len(resets)} resets, {planned_resets} planned")
-    if len(prunes) != planned_prunes:
-        breaches.append(f"{len(prunes)} key prunings, {planned_prunes} planned")
-    if planned_prunes and not any(p.in_flight for p in prunes):
-        breaches.append("no key pruning happened while a saga was in flight")
-    latest: dict[str, ResetRecord] = {}
-    for record in resets:
-        latest[record.workflow_id] = record
-    for workflow_id, record in sorted(latest.items()):
-        ended = end_runs.get(workflow_id)
-        if ended is not None and ended != record.new_run_id:
-            breaches.append(
-                f"{workflow_id}: judged on run {ended}, not the run its reset started "
-                f"({record.new_run_id})"
-            )
-    return breaches

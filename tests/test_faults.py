@@ -1,5 +1,5 @@
 """The chaos harness's resets and key pruning: where a reset goes back to, whom it picks, and
-the checks that a run did what it planned (pure; the run itself is in test_chaos.py)."""
+their report (pure; their checks are in test_invariants.py, the run in test_chaos.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from reliability.faults import (
     PRUNE_ADVANCE_S,
     PruneRecord,
     ResetRecord,
-    check_resets_and_prunes,
     pick_reset_target,
     planned_resets,
     reset_marks,
@@ -147,35 +146,6 @@ def test_the_target_is_of_the_kind_preferred_and_fresh_when_possible() -> None:
 
 def _reset(workflow_id: str, new_run: str) -> ResetRecord:
     return ResetRecord(workflow_id, "run-old", new_run, 13, "COMPLETED", 10.0)
-
-
-def test_a_run_must_do_its_resets_and_prunes_and_judge_the_new_run() -> None:
-    resets = [_reset("refund-1", "run-a"), _reset("refund-2", "run-b")]
-    prunes = [PruneRecord(PRUNE_ADVANCE_S, 4, 1, 5.0), PruneRecord(PRUNE_ADVANCE_S, 0, 0, 9.0)]
-    ends: dict[str, str | None] = {"refund-1": "run-a", "refund-2": "run-b", "refund-3": "x"}
-    good = check_resets_and_prunes(
-        resets=resets, planned_resets=2, prunes=prunes, planned_prunes=2, end_runs=ends
-    )
-    assert good == []
-
-    stale = check_resets_and_prunes(
-        resets=resets,
-        planned_resets=3,
-        prunes=prunes[1:],
-        planned_prunes=2,
-        end_runs={**ends, "refund-2": "run-old"},
-    )
-    assert stale == [
-        "2 resets, 3 planned",
-        "1 key prunings, 2 planned",
-        "no key pruning happened while a saga was in flight",
-        "refund-2: judged on run run-old, not the run its reset started (run-b)",
-    ]
-    # Reset twice: judged on the second reset's run.
-    twice = [*resets, _reset("refund-1", "run-c")]
-    assert check_resets_and_prunes(
-        resets=twice, planned_resets=3, prunes=prunes, planned_prunes=2, end_runs=ends
-    ) == ["refund-1: judged on run run-a, not the run its reset started (run-c)"]
 
 
 def test_the_report_counts_resets_by_state_and_prunes() -> None:

@@ -1,0 +1,313 @@
+"""The chaos run's invariants: pure checks of what was planned against what was found.
+
+Each check reads plain data (`reliability.records`: the plans, the facts collected from the
+processor, the store and the AMS, the saga ends, the restarts, resets and prunings) and returns
+its violations, one message each that names the saga or the event. The collection is in
+`reliability.collect`; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from reliability.faults import PruneRecord, ResetRecord
+from reliability.records import ProcessorRefundFact, RestartRecord, SagaFacts, SagaPlan
+
+__all__ = [
+    "COUNTED_STATUSES",
+    "SAGA_INVARIANTS",
+    "Invariant",
+    "SagaInvariant",
+    "check_chaos",
+    "check_invariants",
+    "check_resets_and_prunes",
+    "check_restarts",
+    "end_state_violations",
+    "entitlement_violations",
+    "ledger_violations",
+    "processor_refund_violations",
+    "progress_violations",
+    "restart_violations",
+    "saga_label",
+]
+
+# Refunds that hold money back at the processor; failed and canceled ones moved nothing.
+COUNTED_STATUSES = ("succeeded", "pending", "requires_action")
+
+
+@dataclass
+class Invariant:
+    """One property of the run; it holds when it was checked at least once and never broke."""
+
+    name: str
+    description: str
+    checked: int = 0
+    breaches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        # A check that looked at nothing proves nothing: it does not count as held.
+        return self.checked > 0 and not self.breaches
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def saga_label(plan: SagaPlan) -> str:
+    """How a violation names its saga: workflow id, scenario, and whether it was rejected."""
+    return f"{plan.workflow_id} ({plan.scenario}{', rejected' if plan.reject else ''})"
+
+
+def _money(refunds: Sequence[ProcessorRefundFact]) -> str:
+    return ", ".join(f"{r.refund_id} {r.amount_cents} {r.status}" for r in refunds) or "none"
+
+
+def _counted(facts: SagaFacts) -> list[ProcessorRefundFact]:
+    return [r for r in facts.processor_refunds if r.status in COUNTED_STATUSES]
+
+
+# -- per saga -----------------------------------------------------------------------------------
+
+
+def end_state_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
+    """The saga ended COMPLETED, or REJECTED when a rejection was planned."""
+    if facts.end_state == plan.expected_state:
+        return []
+    return [
+        f"{saga_label(plan)}: ended {facts.end_state or 'not at all'}, expected "
+        f"{plan.expected_state}" + (f"; error: {facts.error}" if facts.error else "")
+    ]
+
+
+def processor_refund_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
+    """Per charge: one refund by the saga of the asked amount, no duplicate, nothing else."""
+    counted = _counted(facts)
+    own = [r for r in counted if r.workflow_id == plan.workflow_id]
+    others = [r for r in counted if r.workflow_id != plan.workflow_id]
+    problems: list[str] = []
+    if plan.asked_cents == 0 and own:
+        problems.append(f"refunds by the saga, none expected: {_money(own)}")
+    if plan.asked_cents > 0:
+        if len(own) > 1:
+            problems.append(f"duplicate refund: {len(own)} refunds by the saga: {_money(own)}")
+        elif not own:
+            problems.append(f"no refund by the saga, expected {plan.asked_cents}")
+        elif own[0].amount_cents != plan.asked_cents or own[0].status != "succeeded":
+            problems.append(f"refund {_money(own)}, expected {plan.asked_cents} succeeded")
+    if sum(r.amount_cents for r in others) != plan.external_cents:
+        problems.append(
+            f"refunds not by the saga: {_money(others)}, expected {plan.external_cents}"
+        )
+    expected_total = plan.asked_cents + plan.external_cents
+    if facts.processor_refunded_cents != expected_total:
+        problems.append(
+            f"charge {plan.charge_id} amount_refunded {facts.processor_refunded_cents}, "
+            f"expected {expected_total}"
+        )
+    return [f"{saga_label(plan)}: {p}" for p in problems]
+
+
+def ledger_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
+    """The store's ledger rows, refunded total and purchase status match the processor."""
+    problems: list[str] = []
+    rows = {
+        (r.processor_refund_id, r.amount_cents) for r in facts.ledger_rows if r.status != "failed"
+    }
+    held = {(r.refund_id, r.amount_cents) for r in _counted(facts)}
+    expected_rows = set() if plan.reject else held
+    if rows != expected_rows:
+        problems.append(
+            f"ledger rows {sorted(rows)} but the processor holds {sorted(held)}"
+            + (" (rejected: the ledger must stay empty)" if plan.reject else "")
+        )
+    if facts.ledger_refunded_cents != plan.ledger_cents:
+        problems.append(
+            f"purchase.refunded_cents {facts.ledger_refunded_cents}, expected "
+            f"{plan.ledger_cents} (processor: {facts.processor_refunded_cents})"
+        )
+    status = "active" if plan.reject else ("refunded" if plan.full else "partially_refunded")
+    if facts.purchase_status != status:
+        problems.append(f"purchase status {facts.purchase_status}, expected {status}")
+    return [f"{saga_label(plan)}: {p}" for p in problems]
+
+
+def progress_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
+    """A revoking saga archived every progress record it deleted; the others touched none."""
+    archived, left = (plan.progress_seeded, 0) if plan.revokes else (0, plan.progress_seeded)
+    if (facts.archived, facts.progress_left) == (archived, left):
+        return []
+    return [
+        f"{saga_label(plan)}: {facts.archived} archived / {facts.progress_left} left, expected "
+        f"{archived} archived / {left} left of {plan.progress_seeded} seeded"
+    ]
+
+
+def entitlement_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
+    """The AMS entitlement is gone exactly where a full refund completed; manual ones confirmed."""
+    violations: list[str] = []
+    expected_ams: str | None = None
+    if plan.entitlement_source == "ams":
+        expected_ams = "removed" if plan.revokes else "active"
+    elif plan.entitlement_source == "ams_manual":
+        # No integration: the saga must not call the AMS; a person removes it and confirms.
+        expected_ams = "active"
+    if facts.ams_entitlement != expected_ams:
+        violations.append(
+            f"{saga_label(plan)}: AMS entitlement {facts.ams_entitlement}, expected {expected_ams}"
+        )
+    manual = plan.entitlement_source == "ams_manual" and plan.revokes
+    if manual and facts.saga_ams_state != "confirmed":
+        violations.append(
+            f"{saga_label(plan)}: manual AMS task {facts.saga_ams_state}, expected confirmed"
+        )
+    return violations
+
+
+@dataclass(frozen=True)
+class SagaInvariant:
+    name: str
+    description: str
+    violations: Callable[[SagaPlan, SagaFacts], list[str]]
+
+
+SAGA_INVARIANTS = (
+    SagaInvariant("end_states", "every saga reached its expected end state", end_state_violations),
+    SagaInvariant(
+        "processor_refunds",
+        "per charge, the processor refunded what was asked, no duplicate",
+        processor_refund_violations,
+    ),
+    SagaInvariant(
+        "ledger_matches_processor",
+        "per charge, the OASIS ledger equals the processor",
+        ledger_violations,
+    ),
+    SagaInvariant(
+        "progress_archived",
+        "every deleted progress record has its archived snapshot",
+        progress_violations,
+    ),
+    SagaInvariant(
+        "entitlements",
+        "AMS entitlements removed exactly for the sagas that asked",
+        entitlement_violations,
+    ),
+)
+
+
+def check_invariants(outcomes: Sequence[tuple[SagaPlan, SagaFacts]]) -> list[Invariant]:
+    """Check each saga's end and its traces at the processor, in the store and in the AMS.
+
+    Args:
+        outcomes: Each saga's plan with the facts found after the run.
+
+    Returns:
+        The per-saga invariants of `SAGA_INVARIANTS`, each with the sagas that broke it.
+    """
+    invariants = [Invariant(i.name, i.description) for i in SAGA_INVARIANTS]
+    for plan, facts in outcomes:
+        for invariant, saga_invariant in zip(invariants, SAGA_INVARIANTS, strict=True):
+            invariant.checked += 1
+            invariant.breaches.extend(saga_invariant.violations(plan, facts))
+    return invariants
+
+
+# -- the run as a whole -------------------------------------------------------------------------
+
+
+def restart_violations(record: RestartRecord) -> list[str]:
+    """Only what the harness killed was down, and `stack.up` restarted exactly that."""
+    violations: list[str] = []
+    crashed = sorted(set(record.down_before) - {record.killed})
+    if crashed:
+        violations.append(
+            f"{', '.join(crashed)} went down on its own (found at {record.at_s:.0f}s, "
+            f"the harness had killed {record.killed})"
+        )
+    extra = sorted(set(record.restarted) - set(record.down_before))
+    missing = sorted(set(record.down_before) - set(record.restarted))
+    if extra or missing:
+        violations.append(
+            f"after killing {record.killed} at {record.at_s:.0f}s: down "
+            f"{list(record.down_before)}, restarted {list(record.restarted)}"
+        )
+    return violations
+
+
+def check_restarts(restarts: Sequence[RestartRecord]) -> Invariant:
+    """Every `stack.up` restarted exactly what was down, and only what the harness killed was."""
+    invariant = Invariant(
+        "stack_restarts_only_what_is_down",
+        "stack.up restarts only what is down; nothing goes down unless killed",
+    )
+    for record in restarts:
+        invariant.checked += 1
+        invariant.breaches.extend(restart_violations(record))
+    return invariant
+
+
+def check_resets_and_prunes(
+    *,
+    resets: Sequence[ResetRecord],
+    planned_resets: int,
+    prunes: Sequence[PruneRecord],
+    planned_prunes: int,
+    end_runs: dict[str, str | None],
+) -> list[str]:
+    """Breaches: resets or prunes that did not happen, and reset sagas judged on an old run.
+
+    Args:
+        end_runs: The run id each reset saga was last seen ending in (None: not seen ending).
+    """
+    breaches: list[str] = []
+    if len(resets) != planned_resets:
+        breaches.append(f"{len(resets)} resets, {planned_resets} planned")
+    if len(prunes) != planned_prunes:
+        breaches.append(f"{len(prunes)} key prunings, {planned_prunes} planned")
+    if planned_prunes and not any(p.in_flight for p in prunes):
+        breaches.append("no key pruning happened while a saga was in flight")
+    latest: dict[str, ResetRecord] = {}
+    for record in resets:
+        latest[record.workflow_id] = record
+    for workflow_id, record in sorted(latest.items()):
+        ended = end_runs.get(workflow_id)
+        if ended is not None and ended != record.new_run_id:
+            breaches.append(
+                f"{workflow_id}: judged on run {ended}, not the run its reset started "
+                f"({record.new_run_id})"
+            )
+    return breaches
+
+
+def check_chaos(
+    *,
+    kills: int,
+    planned_kills: int,
+    temporal_restarts: int,
+    faults: int,
+    outage: bool,
+    errors: Sequence[str] = (),
+    missing: Sequence[str] = (),
+) -> Invariant:
+    """The chaos the run promised happened: a quiet run must not pass for a resilient one.
+
+    Args:
+        missing: Breaches found elsewhere, e.g. by `check_resets_and_prunes`.
+    """
+    invariant = Invariant(
+        "chaos_happened", "the planned kills, restarts, resets, key prunings and faults happened"
+    )
+    invariant.checked = 1
+    invariant.breaches.extend(f"chaos schedule: {error}" for error in errors)
+    invariant.breaches.extend(missing)
+    if kills != planned_kills:
+        invariant.breaches.append(f"{kills} worker kills, {planned_kills} planned")
+    if temporal_restarts != 1:
+        invariant.breaches.append(f"{temporal_restarts} Temporal restarts, 1 planned")
+    if faults == 0:
+        invariant.breaches.append("no fault was injected")
+    if not outage:
+        invariant.breaches.append("the planned AMS outage did not happen")
+    return invariant
