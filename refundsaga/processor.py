@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
+from typing import Any, ClassVar, Generic, Literal, ParamSpec, TypeVar
 
 import httpx
 from pydantic import Field, SecretStr, ValidationError
@@ -20,6 +20,7 @@ from refundsaga.models import Record
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
+_Item = TypeVar("_Item")
 
 RefundStatus = Literal["succeeded", "pending", "failed", "canceled", "requires_action"]
 STRIPE_REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
@@ -45,6 +46,27 @@ class ProcessorRefund(Record):
     status: RefundStatus
     failure_reason: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    # Unix seconds; 0 when the answer did not say (older sandboxes' shapes).
+    created: int = 0
+
+
+class ProcessorDispute(Record):
+    """A dispute (chargeback) as the processor reports it; `lost` means the money went back."""
+
+    id: str
+    amount_cents: int
+    currency: str
+    charge_id: str
+    status: str
+    reason: str | None = None
+    created: int = 0
+
+
+class ProcessorPage(Record, Generic[_Item]):
+    """One page of a list, newest first, and whether older items follow (`starting_after`)."""
+
+    items: list[_Item]
+    has_more: bool
 
 
 class ProcessorCharge(Record):
@@ -272,6 +294,48 @@ class ProcessorClient(JsonApiClient):
                 return refunds
             params["starting_after"] = refunds[-1].id
 
+    async def get_dispute(self, dispute_id: str) -> ProcessorDispute:
+        """Fetch a dispute, e.g. to check that a reported chargeback was really lost.
+
+        Raises:
+            ProcessorRejected: No such dispute (`code == "resource_missing"`).
+        """
+        body = await self._request(
+            "GET", f"/v1/disputes/{segment(dispute_id)}", not_found=ProcessorRejected
+        )
+        return _parse(_dispute, body)
+
+    async def refunds_since(
+        self, created_gte: int, *, starting_after: str | None = None, limit: int = LIST_PAGE_SIZE
+    ) -> ProcessorPage[ProcessorRefund]:
+        """One page of the account's refunds created at or after `created_gte`, newest first."""
+        page = await self._page("/v1/refunds", created_gte, starting_after, limit)
+        return ProcessorPage[ProcessorRefund](
+            items=[_parse(_refund, item, fallback_charge_id=None) for item in page[0]],
+            has_more=page[1],
+        )
+
+    async def disputes_since(
+        self, created_gte: int, *, starting_after: str | None = None, limit: int = LIST_PAGE_SIZE
+    ) -> ProcessorPage[ProcessorDispute]:
+        """One page of the account's disputes created at or after `created_gte`, newest first."""
+        page = await self._page("/v1/disputes", created_gte, starting_after, limit)
+        return ProcessorPage[ProcessorDispute](
+            items=[_parse(_dispute, item) for item in page[0]], has_more=page[1]
+        )
+
+    async def _page(
+        self, path: str, created_gte: int, starting_after: str | None, limit: int
+    ) -> tuple[list[Any], bool]:
+        params = {"created[gte]": str(created_gte), "limit": str(limit)}
+        if starting_after:
+            params["starting_after"] = starting_after
+        body = await self._request("GET", path, params=params)
+        data = body.get("data")
+        if not isinstance(data, list):
+            raise ProcessorError(f"{path} list without data", http_status=200)
+        return data, bool(body.get("has_more")) and bool(data)
+
     async def _request(
         self,
         method: str,
@@ -373,6 +437,22 @@ def _refund(obj: Mapping[str, Any], *, fallback_charge_id: str | None) -> Proces
         status=obj["status"],
         failure_reason=obj.get("failure_reason"),
         metadata={str(key): str(value) for key, value in metadata.items()},
+        created=obj.get("created") or 0,
+    )
+
+
+def _dispute(obj: Mapping[str, Any]) -> ProcessorDispute:
+    charge = obj.get("charge")
+    if isinstance(charge, dict):  # expanded charge object
+        charge = charge.get("id")
+    return ProcessorDispute(
+        id=obj["id"],
+        amount_cents=obj["amount"],
+        currency=obj["currency"],
+        charge_id=charge or "",
+        status=obj["status"],
+        reason=obj.get("reason"),
+        created=obj.get("created") or 0,
     )
 
 
