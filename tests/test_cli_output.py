@@ -12,7 +12,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from console import cli
+from console import cli, operations
+from console.cli import support, views
 from console.terminal import markup_safe, printable, terminal_console
 from refundsaga.contracts import (
     AccessDecision,
@@ -28,6 +29,7 @@ from refundsaga.contracts import (
     SagaStatus,
     TimelineEntry,
 )
+from refundsaga.settings import Settings
 
 AT = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 # Retitle the window, clear the screen, a C1 CSI, a right-to-left override, a fake hyperlink
@@ -58,7 +60,7 @@ def evil_status() -> SagaStatus:
 
 
 def plain_console(monkeypatch: pytest.MonkeyPatch, *, terminal: bool) -> io.StringIO:
-    """`cli.out` as a bare rich console (no safety hook): only the CLI's own escaping acts."""
+    """`views.out` as a bare rich console (no safety hook): only the CLI's own escaping acts."""
     buffer = io.StringIO()
     console = Console(
         file=buffer,
@@ -66,7 +68,7 @@ def plain_console(monkeypatch: pytest.MonkeyPatch, *, terminal: bool) -> io.Stri
         width=300,
         color_system="standard" if terminal else None,
     )
-    monkeypatch.setattr(cli, "out", console)
+    monkeypatch.setattr(views, "out", console)
     return buffer
 
 
@@ -88,7 +90,7 @@ def test_printable_makes_every_control_visible() -> None:
 
 def test_status_prints_no_escape_sequence_from_the_saga(monkeypatch: pytest.MonkeyPatch) -> None:
     buffer = plain_console(monkeypatch, terminal=False)
-    cli.render_status(evil_status(), "http://127.0.0.1:8233")
+    views.render_status(evil_status(), "http://127.0.0.1:8233")
     text = buffer.getvalue()
     assert "\x1b" not in text
     assert_shown_not_sent(text)
@@ -99,7 +101,7 @@ def test_status_on_a_terminal_carries_only_rich_own_styles(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     buffer = plain_console(monkeypatch, terminal=True)
-    cli.render_status(evil_status(), "http://127.0.0.1:8233")
+    views.render_status(evil_status(), "http://127.0.0.1:8233")
     text = buffer.getvalue()
     # rich's colours are CSI ... m; no OSC (title, hyperlink), no clear, nothing else.
     assert "\x1b]" not in text and CLEAR not in text
@@ -109,7 +111,7 @@ def test_status_on_a_terminal_carries_only_rich_own_styles(
 
 def test_batch_and_restore_print_no_escape_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
     buffer = plain_console(monkeypatch, terminal=False)
-    monkeypatch.setattr(cli, "load_settings", lambda: cli.Settings())
+    monkeypatch.setattr(views, "load_settings", lambda: Settings())
     batch = BatchStatus(
         workflow_id=f"batch-product-3{TITLE}",
         plan_id="p",
@@ -122,7 +124,7 @@ def test_batch_and_restore_print_no_escape_sequence(monkeypatch: pytest.MonkeyPa
         issues=[BatchIssue(purchase_id=7, outcome=f"failed{CLEAR}", reason=EVIL)],
         error=EVIL,
     )
-    cli.render_batch(batch, "http://127.0.0.1:8233")
+    views.render_batch(batch, "http://127.0.0.1:8233")
     restore = RestoreStatus(
         workflow_id="restore-refund-42",
         state=RestoreState.FAILED,
@@ -131,7 +133,7 @@ def test_batch_and_restore_print_no_escape_sequence(monkeypatch: pytest.MonkeyPa
         reason="revoked by mistake",
         error=EVIL,
     )
-    cli.render_restore(restore)
+    views.render_restore(restore)
     text = buffer.getvalue()
     assert "\x1b" not in text
     assert_shown_not_sent(text)
@@ -160,8 +162,8 @@ def saga_is(monkeypatch: pytest.MonkeyPatch) -> Any:
                 raise status
             return status
 
-        monkeypatch.setattr(cli, "connect", connect)
-        monkeypatch.setattr(cli.ops, "get_status", get_status)
+        monkeypatch.setattr(support, "connect", connect)
+        monkeypatch.setattr(operations, "get_status", get_status)
 
     return set_status
 
@@ -180,7 +182,7 @@ def test_refund_status_shows_the_saga_text_and_json_keeps_it(saga_is: Any) -> No
 
 
 def test_refund_status_error_from_outside_is_shown_not_sent(saga_is: Any) -> None:
-    saga_is(cli.ops.OperationError(f"AMS answered {EVIL}"))
+    saga_is(operations.OperationError(f"AMS answered {EVIL}"))
     result = CliRunner().invoke(cli.app, ["status", "42"])
     assert result.exit_code == 1
     assert_shown_not_sent(result.output)

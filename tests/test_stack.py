@@ -19,6 +19,7 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from console import stack
+from console.stack import processes
 from refundsaga import search_attributes
 from refundsaga.settings import Settings
 
@@ -191,7 +192,7 @@ def test_failed_start_stops_what_it_started(stack_settings: Settings) -> None:
 def test_missing_temporal_cli(
     stack_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(stack, "_VENV_BIN", tmp_path / "bin")
+    monkeypatch.setattr(processes, "_VENV_BIN", tmp_path / "bin")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     with pytest.raises(
         stack.StackError, match=r"temporal CLI not found in .*/bin: run `make install`"

@@ -26,7 +26,6 @@ from temporalio.client import Client
 from bench.baseline import sandboxed_queue
 from console import stack
 from console.seed import SeededPurchase, seed_purchase
-from refundsaga import search_attributes as sa
 from refundsaga.contracts import RefundRequest
 from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
@@ -34,8 +33,8 @@ from refundsaga.temporal import connect
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
-# What console/stack.py passes to `temporal server start-dev`; other settings are started
-# by the bench itself so that the comparison can be made on the same code.
+# What the stack passes to `temporal server start-dev` (console/stack/devserver.py); the
+# bench starts its own server with the same flags so the comparison runs on the same code.
 STACK_PRAGMAS = stack.DEV_SERVER_PRAGMAS
 STACK_DYNAMIC_CONFIG = stack.DEV_SERVER_DYNAMIC_CONFIG
 # Above the standard scenario's 99.95 so that it needs no approver (REFUND_AUTO_APPROVE_...).
@@ -102,27 +101,9 @@ def _spawn_temporal(
     data_dir = settings.data_dir.resolve()
     for sub in ("logs", "pids"):
         (data_dir / sub).mkdir(parents=True, exist_ok=True)
-    binary = Path(sys.executable).parent / "temporal"
-    argv = [
-        str(binary if binary.exists() else shutil.which("temporal") or "temporal"),
-        "server",
-        "start-dev",
-        "--ip",
-        HOST,
-        "--port",
-        str(settings.temporal_port),
-        "--ui-port",
-        str(settings.ui_port),
-        "--db-filename",
-        str(data_dir / "temporal.db"),
-        "--namespace",
-        settings.temporal_namespace,
-        "--log-level",
-        "warn",
-        *sa.dev_server_flags(),
-        "--ui-disable-news-fetch",
-    ]
-    argv += stack.dev_server_tuning(pragmas, dynamic_config)
+    argv = stack.dev_server_argv(
+        settings, stack.temporal_binary(), pragmas=pragmas, dynamic_config=dynamic_config
+    )
     argv += ["--metrics-port", str(metrics_port)]
     with (data_dir / "logs" / "temporal.log").open("ab") as log:
         proc = subprocess.Popen(
