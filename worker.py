@@ -26,6 +26,7 @@ from temporalio.worker import (
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.batch_activities import BatchActivities
+from activities.failed_refund_activities import FailedRefundActivities
 from activities.refund_activities import RefundActivities
 from activities.run_scope import RunScopeInterceptor
 from refundsaga.ams import HttpAmsClient
@@ -40,6 +41,7 @@ from refundsaga.store import OasisStore
 from refundsaga.store.migrate import upgrade, wait_for_database
 from refundsaga.temporal import connect, run_and_exit
 from workflows.batch_refund import BatchRefund
+from workflows.failed_refund import FailedRefundTask
 from workflows.refund_saga import RefundSaga
 from workflows.restore_progress import PurgeExpiredSnapshots, RestoreProgress
 
@@ -95,7 +97,13 @@ def poller_behavior(settings: Settings) -> PollerBehavior:
     return PollerBehaviorSimpleMaximum(maximum=settings.worker_pollers)
 
 
-WORKFLOWS: list[type] = [RefundSaga, BatchRefund, RestoreProgress, PurgeExpiredSnapshots]
+WORKFLOWS: list[type] = [
+    RefundSaga,
+    BatchRefund,
+    RestoreProgress,
+    PurgeExpiredSnapshots,
+    FailedRefundTask,
+]
 
 
 def build_workers(
@@ -115,12 +123,13 @@ def build_workers(
     queue = task_queue or settings.task_queue
     rate = settings.processor_calls_per_s or None  # 0: no limit
     batch = BatchActivities.alongside(activities, settings)
+    failed = FailedRefundActivities.alongside(activities, client)
     return [
         Worker(
             client,
             task_queue=queue,
             workflows=list(workflows),
-            activities=[*activities.others(), *batch.all()],
+            activities=[*activities.others(), *batch.all(), *failed.others()],
             max_concurrent_activities=settings.max_concurrent_activities,
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
             max_cached_workflows=settings.max_cached_workflows,
@@ -133,7 +142,7 @@ def build_workers(
         Worker(
             client,
             task_queue=processor_task_queue(queue),
-            activities=activities.processor_calls(),
+            activities=[*activities.processor_calls(), *failed.processor_calls()],
             max_concurrent_activities=settings.max_concurrent_activities,
             max_task_queue_activities_per_second=rate,
             activity_task_poller_behavior=poller_behavior(settings),

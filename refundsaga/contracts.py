@@ -308,6 +308,8 @@ NotificationKind = Literal[
     "ams_task_escalated",
     "needs_attention",
     "saga_ended",
+    # A refund failed at the processor after its saga completed (FailedRefundTask).
+    "refund_failed",
 ]
 
 

@@ -25,6 +25,7 @@ from refundsaga.contracts import (
     Resolution,
     RestoreRequest,
 )
+from refundsaga.failed_refunds import FailedRefundDecision
 
 # Domain separation: a signature over one kind of message is worthless as any other.
 CONTEXT = "refundsaga/approval-decision/v1"
@@ -34,6 +35,7 @@ REQUEST_CONTEXTS = {
     RestoreRequest: "refundsaga/restore-request/v1",
 }
 OPS_CONTEXT = "refundsaga/ops-decision/v1"
+FAILED_REFUND_CONTEXT = "refundsaga/failed-refund-decision/v1"
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 
@@ -134,6 +136,35 @@ def verify_ops_decision(
     """Whether the operator's decision is signed by this key for this saga run (no I/O)."""
     return _verify(
         public_key_b64, decision.signature, canonical_ops_decision(workflow_id, run_id, decision)
+    )
+
+
+def canonical_failed_refund_decision(
+    workflow_id: str, run_id: str, decision: FailedRefundDecision
+) -> bytes:
+    """The bytes an operator signs to decide a failed refund's task: the task run, the choice,
+    the note and the request the choice starts (its own signature included)."""
+    fields = decision.model_dump(mode="json", exclude={"signature"})
+    return _canonical(
+        {"context": FAILED_REFUND_CONTEXT, "workflow_id": workflow_id, "run_id": run_id} | fields
+    )
+
+
+def sign_failed_refund_decision(
+    private_key: Ed25519PrivateKey, workflow_id: str, decision: FailedRefundDecision, *, run_id: str
+) -> str:
+    """The base64 signature of an operator's decision on one failed refund's task run."""
+    return _sign(private_key, canonical_failed_refund_decision(workflow_id, run_id, decision))
+
+
+def verify_failed_refund_decision(
+    public_key_b64: str, workflow_id: str, decision: FailedRefundDecision, *, run_id: str
+) -> bool:
+    """Whether the decision is signed by this key for this task run (no I/O)."""
+    return _verify(
+        public_key_b64,
+        decision.signature,
+        canonical_failed_refund_decision(workflow_id, run_id, decision),
     )
 
 
