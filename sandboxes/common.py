@@ -199,6 +199,8 @@ class Sandbox:
         self._initial_state = initial_state
         self._file = StateFile(state_path) if state_path is not None else None
         self.lock = asyncio.Lock()
+        # Called (under the lock) after `POST /_sandbox/reset` replaced the state.
+        self.reset_hooks: list[Callable[[], None]] = []
         self.faults = FaultInjector()
         self.log = RequestLog()
         self.state = self._fresh_state()
@@ -393,6 +395,8 @@ class Sandbox:
     async def _reset(self, request: Request) -> Response:
         async with self.lock:
             self.state = self._fresh_state()
+            for hook in self.reset_hooks:
+                hook()
             self.save()
         self.faults.configure(FaultConfig())
         self.log.clear()
@@ -581,6 +585,42 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return exc.response()
 
 
+def sandbox_parser(name: str, default_port: int) -> argparse.ArgumentParser:
+    """The command line the sandboxes share; a sandbox may add its own options."""
+    parser = argparse.ArgumentParser(prog=f"python -m sandboxes.{name}")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--state", type=Path, default=None, help="JSON state file")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SANDBOX_API_KEY"),
+        help="bearer key clients must send (default: $SANDBOX_API_KEY)",
+    )
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def parse_sandbox_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse `argv` and insist on an API key."""
+    args = parser.parse_args(argv)
+    if not args.api_key:
+        parser.error("an API key is required: pass --api-key or set SANDBOX_API_KEY")
+    return args
+
+
+def serve(app: Starlette, args: argparse.Namespace) -> None:
+    """Serve `app` with uvicorn on the parsed host and port."""
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=2,
+    )
+
+
 def run_main(
     *,
     name: str,
@@ -596,24 +636,6 @@ def run_main(
         default_port: Port used when `--port` is not given.
         argv: Arguments (defaults to `sys.argv[1:]`).
     """
-    parser = argparse.ArgumentParser(prog=f"python -m sandboxes.{name}")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=default_port)
-    parser.add_argument("--state", type=Path, default=None, help="JSON state file")
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("SANDBOX_API_KEY"),
-        help="bearer key clients must send (default: $SANDBOX_API_KEY)",
-    )
-    parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
-    if not args.api_key:
-        parser.error("an API key is required: pass --api-key or set SANDBOX_API_KEY")
-    app = create_app(api_key=args.api_key, state_path=args.state)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=2,
-    )
+    parser = sandbox_parser(name, default_port)
+    args = parse_sandbox_args(parser, argv)
+    serve(create_app(api_key=args.api_key, state_path=args.state), args)
