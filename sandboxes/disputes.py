@@ -13,9 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandboxes.common import ApiError, JsonDict, Sandbox, new_id, read_json
+from sandboxes.common import Sandbox
 from sandboxes.events import EventLog, dashboard_cause
 from sandboxes.params import page
+from sandboxes.wire import ApiError, JsonDict, new_id, read_json
 
 DISPUTE_REASONS = (
     "bank_cannot_process",

@@ -15,8 +15,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandboxes.common import SCOPE_REQUEST_ID, ApiError, JsonDict, Sandbox, new_id
+from sandboxes.common import Sandbox
+from sandboxes.gateway import SCOPE_REQUEST_ID
 from sandboxes.params import array_param, page
+from sandboxes.wire import ApiError, JsonDict, new_id
 
 # Stripe keeps events 30 days; the count cap bounds the state file, rewritten on every change.
 EVENT_RETENTION_S = 30 * 86_400

@@ -6,9 +6,10 @@ Every change here happens under the sandbox lock; the caller saves the state aft
 
 from __future__ import annotations
 
-from sandboxes.common import ApiError, JsonDict, Sandbox, new_id
+from sandboxes.common import Sandbox
 from sandboxes.disputes import Disputes
 from sandboxes.events import EventLog, changed_attributes
+from sandboxes.wire import ApiError, JsonDict, new_id
 
 # How a charge's refunds turn out: the status they are created with, and for the pending
 # ones, how reading them settles them.

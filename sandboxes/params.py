@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
-from sandboxes.common import ApiError, JsonDict
+from sandboxes.wire import ApiError, JsonDict
 
 INTEGER = re.compile(r"^[0-9]+$")
 EXPAND_PARAM = re.compile(r"^expand(\[[0-9]*\])?$")

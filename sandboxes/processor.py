@@ -19,14 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandboxes.common import (
-    ApiError,
-    JsonDict,
-    Sandbox,
-    parse_sandbox_args,
-    sandbox_parser,
-    serve,
-)
+from sandboxes.cli import parse_sandbox_args, sandbox_parser, serve
+from sandboxes.common import Sandbox
 from sandboxes.disputes import Disputes
 from sandboxes.events import EventLog, request_cause
 from sandboxes.ledger import REFUND_REASONS, Ledger
@@ -34,6 +28,7 @@ from sandboxes.params import EXPAND_PARAM, expand_paths, form_params, page, posi
 from sandboxes.processor_admin import ProcessorAdmin
 from sandboxes.webhook_endpoints import WebhookEndpoints
 from sandboxes.webhooks import WebhookDispatcher
+from sandboxes.wire import ApiError, JsonDict
 
 DEFAULT_PORT = 8301
 # The version answered when a request sends no `Stripe-Version`, as an account's default is.

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandboxes.common import ApiError, JsonDict, Sandbox, new_id, read_json
+from sandboxes.common import Sandbox
 from sandboxes.events import dashboard_cause
 from sandboxes.ledger import (
     FAILURE_REASONS,
@@ -20,6 +20,7 @@ from sandboxes.ledger import (
     SETTLED_STATUSES,
     Ledger,
 )
+from sandboxes.wire import ApiError, JsonDict, new_id, read_json
 
 
 class ProcessorAdmin:

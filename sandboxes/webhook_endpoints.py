@@ -14,8 +14,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandboxes.common import ApiError, JsonDict, Sandbox, new_id
+from sandboxes.common import Sandbox
 from sandboxes.params import array_param, form_params, page
+from sandboxes.wire import ApiError, JsonDict, new_id
 
 # Stripe checks names against its catalogue; the sandbox takes anything shaped like one, so
 # a receiver may subscribe to events the sandbox never sends, as it may at Stripe.

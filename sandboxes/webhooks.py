@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandboxes.common import ApiError, JsonDict, read_json
 from sandboxes.webhook_endpoints import WebhookEndpoints
+from sandboxes.wire import ApiError, JsonDict, read_json
 
 USER_AGENT = "Stripe/1.0 (+https://stripe.com/docs/webhooks)"
 ATTEMPT_LOG_SIZE = 10_000
@@ -155,8 +155,12 @@ class WebhookDispatcher:
 
     def enqueue(self, event: JsonDict) -> None:
         """Queue `event` for every endpoint that wants it, drawing each delivery's faults."""
+        endpoints = self.endpoints.matching(event["type"])
+        if not endpoints:
+            return
+        # Indented as Stripe sends it: a receiver must verify the raw body, not a re-encoding.
         body = json.dumps(event, indent=2)
-        for endpoint in self.endpoints.matching(event["type"]):
+        for endpoint in endpoints:
             config, rng = self.config, self._rng
             # Four draws per delivery whatever the settings, so a seed fixes the sequence.
             drop, duplicate, reorder, hold = rng.random(), rng.random(), rng.random(), rng.random()
