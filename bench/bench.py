@@ -56,7 +56,7 @@ STACK_DYNAMIC_CONFIG = stack.DEV_SERVER_DYNAMIC_CONFIG
 AUTO_APPROVE_ALL_CENTS = 1_000_000
 SAGA_QUEUE = "bench-saga"
 BASELINE_QUEUE = "bench-baseline"
-VARIANTS = ("saga", "baseline", "baseline_sa", "baseline_sandboxed", "saga_patched")
+VARIANTS = ("saga", "baseline", "baseline_sa", "baseline_sandboxed")
 # A saga that never completes (NEEDS_ATTENTION) must not hang the bench.
 WORKFLOW_TIMEOUT_S = 300.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -780,16 +780,11 @@ async def run_variant(
 
         starts = [baseline_sa(i) for i in range(n)]
         check = _baseline_check(baseline_steps)
-    elif variant in ("saga", "saga_patched"):
+    elif variant == "saga":
         saga_settings = bench.settings
-        # saga_patched: started without the shape memo, so it asks the patch (one marker and
-        # one TemporalChangeVersion upsert more), as a batch's sagas and older starters do.
-        pin_shape = variant == "saga"
 
         def saga(p: SeededPurchase) -> Callable[[], Awaitable[WorkflowHandle[Any, Any]]]:
-            return lambda: start_refund(
-                client, saga_settings, refund_request(p), pin_shape=pin_shape
-            )
+            return lambda: start_refund(client, saga_settings, refund_request(p))
 
         starts = [saga(p) for p in purchases[:n]]
         check = _saga_check
@@ -839,10 +834,6 @@ def build_report(
         # The same naive shape in the SDK's sandbox, its default: what a team that did not
         # measure would run.
         ratios["throughput_ratio_vs_sandboxed_baseline"] = ratio("per_s", "baseline_sandboxed")
-    if "saga" in variants and "saga_patched" in variants:
-        # The shape pinned at the start against the same saga asking its patch.
-        ratios["throughput_ratio_vs_saga_patched"] = ratio("per_s", "saga_patched")
-        ratios["server_cpu_ratio_vs_saga_patched"] = ratio("server_cpu_s_per_wf", "saga_patched")
 
     def med(variant: str, key: str) -> float:
         return figures.get(variant, {}).get(key, {}).get("median", float("nan"))

@@ -63,7 +63,7 @@ from refundsaga.settings import Settings
 from refundsaga.signing import SigningError, StartRequest, load_private_key, sign_request
 from refundsaga.store import OasisStore
 from workflows.batch_refund import BatchRefund
-from workflows.refund_saga import RefundSaga, shape_memo
+from workflows.refund_saga import RefundSaga
 from workflows.restore_progress import PurgeExpiredSnapshots, RestoreProgress
 
 
@@ -107,13 +107,9 @@ def _signed(settings: Settings, workflow_id: str, request: StartRequest) -> Star
 
 
 async def start_refund(
-    client: Client, settings: Settings, request: RefundRequest, *, pin_shape: bool = True
+    client: Client, settings: Settings, request: RefundRequest
 ) -> WorkflowHandle[RefundSaga, SagaStatus]:
-    """Start a saga for the purchase, refused when one is already running for it.
-
-    The saga's shape is pinned in the start's memo (SHAPE_MEMO); `pin_shape=False` leaves it to
-    the saga's patch, as older starters and batch runs do (the bench compares the two).
-    """
+    """Start a saga for the purchase, refused when one is already running for it."""
     if request.batch_approval is not None:
         raise Refused("a batch approval is given by `refund batch`, not by a single start")
     workflow_id = workflow_id_for(request.purchase_id)
@@ -130,8 +126,6 @@ async def start_refund(
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             search_attributes=sa.at_start(request),
-            # The saga's shape, decided here instead of by a patch marker (SHAPE_MEMO).
-            memo=shape_memo() if pin_shape else None,
             static_summary=f"Refund purchase {request.purchase_id}: {amount}",
             static_details=(
                 f"Requested by **{request.requested_by}** for purchase "
