@@ -36,6 +36,8 @@ TABLES = {
     "audit_events",
     "refund_claims",
     "refund_request_nonces",
+    "processor_events",
+    "processor_sweep_marks",
 }
 # Indexes the saga's queries depend on (unique constraints are indexes too).
 INDEXED = {
@@ -67,7 +69,7 @@ def test_up_down_up(store_url: str) -> None:
     assert current(store_url) is None
 
     upgrade(store_url)
-    assert current(store_url) == head() == "0003"
+    assert current(store_url) == head() == "0004"
     assert table_names(store_url) >= TABLES
 
     downgrade(store_url, "base")
