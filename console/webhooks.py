@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import stripe
 from starlette.applications import Starlette
@@ -26,7 +25,6 @@ from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
 from refundsaga.store.inbox import ProcessorInbox
 from refundsaga.temporal import connect
-from workflows.refund_saga import shape_memo
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +84,6 @@ def build_app(
     settings: Settings,
     client: Client,
     inbox: ProcessorInbox,
-    *,
-    saga_memo: dict[str, Any] | None = None,
 ) -> Starlette:
     """The receiver: `POST /stripe/webhook` and `GET /healthz`.
 
@@ -95,16 +91,13 @@ def build_app(
         settings: The signing secret, its tolerance and the sagas' task queue.
         client: A Temporal client with the project's data converter.
         inbox: The store's processor-event inbox.
-        saga_memo: The reconciliation saga's start memo; default: its current shape.
 
     Raises:
         WebhooksRefused: No signing secret is set.
     """
     secret = webhook_secret(settings)
     tolerance = settings.processor_webhook_tolerance_s
-    dispatcher = ReconcileDispatcher(
-        client, inbox, settings, saga_memo=shape_memo() if saga_memo is None else saga_memo
-    )
+    dispatcher = ReconcileDispatcher(client, inbox, settings)
 
     async def receive(request: Request) -> Response:
         body = await _read_limited(request)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
 from temporalio.common import (
@@ -69,21 +67,16 @@ class ReconcileDispatcher:
         client: Client,
         inbox: ProcessorInbox,
         settings: Settings,
-        *,
-        saga_memo: Mapping[str, Any] | None = None,
     ) -> None:
         """
         Args:
             client: A client with the project's data converter (`refundsaga.temporal.connect`).
             inbox: The store's processor-event inbox.
             settings: The task queue the sagas run on.
-            saga_memo: The memo a reconciliation saga starts with (the top floor passes the
-                saga's shape, `workflows.refund_saga.shape_memo()`).
         """
         self._client = client
         self._inbox = inbox
         self._task_queue = settings.task_queue
-        self._saga_memo = dict(saga_memo) if saga_memo else None
 
     async def handle(self, event: ProcessorEventEnvelope, *, source: EventSource) -> str:
         """Act on an event once: a duplicate does nothing; the outcome is recorded after the
@@ -223,7 +216,6 @@ class ReconcileDispatcher:
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             search_attributes=sa.at_start(request),
-            memo=self._saga_memo,
             static_summary=f"Reconcile purchase {purchase_id}: {object_id}",
         )
         return RECONCILE_STARTED
