@@ -174,6 +174,8 @@ def list_(
         purchase_id=purchase,
         since=started_since,
         source=source,
+        # Ops tasks (refunds failed after completion) have states of their own.
+        with_tasks=state is None and source is None,
     )
     settings = load_settings()
 

@@ -210,13 +210,19 @@ def list_query(
     purchase_id: int | None = None,
     since: datetime | None = None,
     source: str | None = None,
+    with_tasks: bool = False,
 ) -> str:
     """A Temporal list filter over the saga's search attributes.
 
     `source`: `support` (started by a person: no `RefundSource`), `webhook` or `sweep` (a
     reconciliation started by a processor event or by the reconciliation sweep).
+    `with_tasks`: the ops tasks of refunds failed after completion too (FailedRefundTask).
     """
-    clauses = ['WorkflowType="RefundSaga"']
+    clauses = [
+        'WorkflowType IN ("RefundSaga", "FailedRefundTask")'
+        if with_tasks
+        else 'WorkflowType="RefundSaga"'
+    ]
     if state:
         clauses.append(f"{sa.REFUND_STATE.name}={_quote(state.value)}")
     if waiting_for:
