@@ -48,7 +48,7 @@ from refundsaga import search_attributes as sa
 from refundsaga.contracts import SagaState, SagaStatus
 from refundsaga.temporal import connect
 
-VARIANTS = ("saga", "baseline", "baseline_sa", "baseline_sandboxed", "saga_patched")
+VARIANTS = ("saga", "baseline", "baseline_sa", "baseline_sandboxed")
 
 
 def _saga_check(result: Any) -> str | None:
@@ -126,16 +126,11 @@ async def run_variant(
 
         starts = [baseline_sa(i) for i in range(n)]
         check = _baseline_check(baseline_steps)
-    elif variant in ("saga", "saga_patched"):
+    elif variant == "saga":
         saga_settings = bench.settings
-        # saga_patched: started without the shape memo, so it asks the patch (one marker and
-        # one TemporalChangeVersion upsert more), as a batch's sagas and older starters do.
-        pin_shape = variant == "saga"
 
         def saga(p: SeededPurchase) -> Callable[[], Awaitable[WorkflowHandle[Any, Any]]]:
-            return lambda: start_refund(
-                client, saga_settings, refund_request(p), pin_shape=pin_shape
-            )
+            return lambda: start_refund(client, saga_settings, refund_request(p))
 
         starts = [saga(p) for p in purchases[:n]]
         check = _saga_check

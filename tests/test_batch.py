@@ -71,8 +71,8 @@ from tests.fixtures.batch import (
 from tests.fixtures.planning import charge, snapshot
 from tests.fixtures.stack import LiveStack
 from tests.fixtures.temporal import SagaWorld, listed_states, patch_trail
-from workflows.batch_refund import CHILDREN_PINNED, BatchRefund
-from workflows.refund_saga import CURRENT_SHAPE, SHAPE_MEMO, RefundSaga
+from workflows.batch_refund import BatchRefund
+from workflows.refund_saga import RefundSaga
 
 __all__ = ["batch_time_env", "batch_world", "isolated_batch_world"]  # fixtures used below
 
@@ -310,19 +310,16 @@ async def test_a_batch_refunds_every_buyer_with_one_approval(
     untouched = world.store.load_purchase(refunded.purchase_id)
     assert untouched is not None and untouched.progress_count == 3  # skipped: nothing changed
 
-    # The children started as `refund start`'s do, with their shape in the memo and listed as
-    # PREPARING: none asked the saga's patch or upserted before its pivot. The batch asked its
-    # own patch once in each run that started a child.
+    # The children started as `refund start`'s do, listed as PREPARING: none upserted before
+    # its pivot. Neither the children nor the batch ask a patch.
     for buyer in [outside, *rest]:
         saga = world.client.get_workflow_handle(f"refund-{buyer.purchase_id}")
         assert await patch_trail(saga) == ([], [])
         assert await listed_states(saga) == ["REFUNDING", "COMPLETED"]
-        described = await saga.describe()
-        assert await described.memo() == {SHAPE_MEMO: CURRENT_SHAPE}
-        listed = described.typed_search_attributes
+        listed = (await saga.describe()).typed_search_attributes
         assert listed.get(REFUND_STATE) == "COMPLETED"
         assert listed.get(PURCHASE_ID) == str(buyer.purchase_id)
-    assert (await patch_trail(handle)) == ([CHILDREN_PINNED], [[CHILDREN_PINNED]])
+    assert (await patch_trail(handle)) == ([], [])
 
     child = f"refund-{rest[0].purchase_id}"
     trail = world.store.audit_trail(workflow_id=child)

@@ -69,7 +69,7 @@ from tests.fixtures.stack import LiveStack
 from tests.fixtures.temporal import SagaWorld, world_on
 from worker import WORKFLOWS
 from workflows.failed_refund import FailedRefundTask
-from workflows.refund_saga import RefundSaga, shape_memo
+from workflows.refund_saga import RefundSaga
 from workflows.restore_progress import RestoreProgress
 
 __all__ = ["batch_time_env"]  # the module's time-skipping server
@@ -296,7 +296,6 @@ async def completed_saga(world: SagaWorld, *, signed: bool = False) -> Refunded:
         request,
         id=saga_id,
         task_queue=world.task_queue,
-        memo=shape_memo(),
         search_attributes=sa.at_start(request),
     )
     world.handles.append(handle)
@@ -498,7 +497,6 @@ async def test_retry_starts_a_new_refund_of_the_failed_amount(
         RefundRequest(purchase_id=purchase.purchase_id, reason="again", requested_by="sam"),
         id=refunded.saga_id,
         task_queue=world.task_queue,
-        memo=shape_memo(),
     )
     world.handles.append(blocking)
     await world.wait_for(blocking, SagaState.AWAITING_APPROVAL)

@@ -5,12 +5,19 @@ money at the processor, rows in the store, entitlements in the AMS, the saga's s
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    WithStartWorkflowOperation,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy
 
 from console.operations import start_refund
 from refundsaga.contracts import (
@@ -19,11 +26,12 @@ from refundsaga.contracts import (
     RefundRequest,
     Resolution,
     SagaState,
+    SagaStatus,
     WaitingFor,
 )
 from refundsaga.search_attributes import REFUND_AMOUNT_CENTS, REFUND_STATE, WAITING_FOR
 from tests.fixtures.temporal import SagaWorld, listed_states, patch_trail
-from workflows.refund_saga import CURRENT_SHAPE, RefundSaga
+from workflows.refund_saga import RefundSaga
 
 
 def processor_refunds(world: SagaWorld, charge_id: str) -> tuple[int, int]:
@@ -439,6 +447,51 @@ async def test_cancel_before_the_pivot_releases_with_nothing_changed(world: Saga
     assert events == ["saga_ended"]
 
 
+async def start_for_the_plan(
+    world: SagaWorld, purchase_id: int
+) -> tuple[SagaStatus, WorkflowHandle[RefundSaga, SagaStatus]]:
+    """Start a saga and wait for its plan in one call (update-with-start of `planned`)."""
+    start = WithStartWorkflowOperation(
+        RefundSaga.run,
+        RefundRequest(purchase_id=purchase_id, reason="customer asked", requested_by="sam"),
+        id=f"refund-{purchase_id}-{uuid.uuid4().hex[:8]}",
+        task_queue=world.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+    )
+    # By name, as the CLI sends it.
+    planned: SagaStatus = await world.client.execute_update_with_start_workflow(
+        "planned", start_workflow_operation=start, result_type=SagaStatus
+    )
+    handle = await start.workflow_handle()
+    world.handles.append(handle)
+    return planned, handle
+
+
+async def test_the_plan_comes_back_with_the_start(world: SagaWorld) -> None:
+    purchase = world.seed("standard")
+    planned, handle = await start_for_the_plan(world, purchase.purchase_id)
+
+    assert planned.state == SagaState.AWAITING_APPROVAL
+    assert planned.plan is not None
+    assert planned.plan.amount_cents == purchase.amount_cents
+    assert planned.plan.progress_records == 6
+    assert planned.plan.ams_action == "remove_via_api"
+    assert planned.required_approvals == 1
+    assert planned == await world.status(handle)  # what the status query says
+    assert processor_refunds(world, purchase.charge_id) == (0, 0)
+
+    await handle.execute_update(RefundSaga.decide, ApprovalDecision(approver="bob"))
+    assert (await handle.result()).state == SagaState.COMPLETED
+
+
+async def test_a_refused_start_answers_planned_with_its_end(world: SagaWorld) -> None:
+    planned, handle = await start_for_the_plan(world, 999_999)
+    assert planned.state == SagaState.FAILED
+    assert planned.plan is None
+    assert planned.error is not None and "purchase 999999 does not exist" in planned.error
+    assert (await handle.result()).state == SagaState.FAILED
+
+
 @pytest.mark.saga_settings(auto_approve_below_cents=10_000)
 async def test_auto_approval_below_the_threshold_needs_no_approver(world: SagaWorld) -> None:
     purchase = world.seed("oasis_entitled")  # 49.00, below the 100.00 auto-approval
@@ -464,7 +517,7 @@ async def test_lists_learn_the_pivot_and_the_end_of_a_saga_started_with_attribut
     assert (await handle.result()).state == SagaState.COMPLETED
     # PREPARING came with the start (as `refund start` sets it): no upsert for it.
     assert await listed_states(handle) == ["REFUNDING", "COMPLETED"]
-    # Its shape came with the start too (SHAPE_MEMO): no patch marker, no version upsert.
+    # The 1.0 saga asks no patch: no marker, no version upsert.
     assert await patch_trail(handle) == ([], [])
     listed = (await handle.describe()).typed_search_attributes
     assert listed.get(REFUND_STATE) == "COMPLETED"
@@ -473,27 +526,26 @@ async def test_lists_learn_the_pivot_and_the_end_of_a_saga_started_with_attribut
 
 
 @pytest.mark.saga_settings(auto_approve_below_cents=10_000)
-async def test_a_saga_started_with_its_shape_pinned_asks_no_patch(world: SagaWorld) -> None:
-    pinned_purchase, asking_purchase = world.seed("oasis_entitled"), world.seed("oasis_entitled")
-    pinned = await world.start(pinned_purchase)  # as `refund start` does (SHAPE_MEMO)
-    asking = await world.start(asking_purchase, pin_shape=False)  # as older starters did
-    for handle, purchase in ((pinned, pinned_purchase), (asking, asking_purchase)):
-        result = await handle.result()
-        assert result.state == SagaState.COMPLETED
-        assert processor_refunds(world, purchase.charge_id) == (purchase.amount_cents, 1)
-        snapshot = world.store.load_purchase(purchase.purchase_id)
-        assert snapshot is not None and snapshot.status == "refunded"
-    assert await patch_trail(pinned) == ([], [])
-    assert await patch_trail(asking) == ([CURRENT_SHAPE], [[CURRENT_SHAPE]])
-    # The same shape both ways (local store steps, lists learning only the pivot and the end),
-    # less the patch's marker and its upsert, the first of each in the asking saga's history.
-    expected = await meaningful_events(asking)
-    expected.remove("EVENT_TYPE_MARKER_RECORDED")
-    expected.remove("EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES")
-    assert await meaningful_events(pinned) == expected
-    # Started without attributes (an older batch's way), both upsert PREPARING themselves.
-    lists_saw = ["PREPARING", "REFUNDING", "COMPLETED"]
-    assert await listed_states(pinned) == await listed_states(asking) == lists_saw
+async def test_a_saga_started_without_attributes_lists_itself_and_asks_no_patch(
+    world: SagaWorld,
+) -> None:
+    purchase = world.seed("oasis_entitled")
+    handle = await world.start(purchase)  # no search attributes at the start
+    result = await handle.result()
+    assert result.state == SagaState.COMPLETED
+    assert processor_refunds(world, purchase.charge_id) == (purchase.amount_cents, 1)
+    snapshot = world.store.load_purchase(purchase.purchase_id)
+    assert snapshot is not None and snapshot.status == "refunded"
+    assert await patch_trail(handle) == ([], [])
+    # The store steps run as local activities: none is scheduled on the task queue.
+    history = await handle.fetch_history()
+    scheduled = {
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    }
+    assert scheduled == {"prepare_refund", "refund_at_processor", "verify_access"}
+    assert await listed_states(handle) == ["PREPARING", "REFUNDING", "COMPLETED"]
 
 
 async def test_a_signal_after_the_end_is_refused(world: SagaWorld) -> None:

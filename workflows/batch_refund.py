@@ -13,6 +13,9 @@ flight. A child waiting for people (an AMS confirmation, ops) frees its window s
 Signals carry no sender, so a report is only a hint: it is taken for a saga this batch started
 and holds open, and an end counts only as the store recorded it (child_end), so the batch's
 figures and its completion come from the store, never from a report's fields.
+
+Longer than 400 lines: the run loop, the children's accounting and continue-as-new share the
+counters, the cursor and the carry, and read best side by side.
 """
 
 from __future__ import annotations
@@ -23,20 +26,17 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
 
-from workflows.refund_saga import RefundSaga, shape_memo
-from workflows.waiting import (
-    approval_record,
-    malformed,
-    take_signalled_decision,
-    wait_for_decision,
-)
+from workflows.approvals import ApprovalHandlers
+from workflows.failures import error_text
+from workflows.notify import send_notification
+from workflows.refund_saga import RefundSaga
+from workflows.waiting import wait_for_decision
 
 with workflow.unsafe.imports_passed_through():
     from activities.batch_activities import BatchActivities
-    from activities.refund_activities import RefundActivities
-    from refundsaga.approval import refusal_reason, start_refusal
+    from refundsaga.approval import start_refusal
     from refundsaga.batch import (
         describe_summary,
         keep_recent,
@@ -45,7 +45,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from refundsaga.contracts import (
         BATCH_REPORT_SIGNAL,
-        ApprovalDecision,
+        ApprovalPolicy,
         BatchApproval,
         BatchBucket,
         BatchCarry,
@@ -61,12 +61,10 @@ with workflow.unsafe.imports_passed_through():
         BatchState,
         BatchStatus,
         BatchSummary,
-        DecisionReceipt,
         IgnoredMessage,
         Notification,
         NotificationKind,
         RefundRequest,
-        SagaState,
         TimelineEntry,
         WaitingFor,
         batch_bucket,
@@ -103,24 +101,6 @@ MAX_HISTORY_EVENTS = 8_000
 # The query result stays small: counts are exact, these lists keep the latest.
 MAX_LISTED = 100
 MAX_TIMELINE = 60
-# Patch id: the sagas a batch starts get what `refund start` gives its sagas: their shape in
-# the start's memo (SHAPE_MEMO), so that none asks `workflow.patched` for it (a marker and a
-# `TemporalChangeVersion` upsert in every child), and their listed attributes at start
-# (search_attributes.at_start), so that none upserts PREPARING itself. One patch marker per
-# batch run instead of three history events and two visibility writes per saga
-# (bench/README.md). Batch runs recorded before this start their children bare, and those
-# children ask and upsert as before.
-CHILDREN_PINNED = "children-start-with-their-shape"
-
-
-def _error_text(err: BaseException) -> str:
-    """The innermost message of an activity failure: what a person needs to read."""
-    cause: BaseException | None = err
-    while isinstance(cause, ActivityError) and cause.cause is not None:
-        cause = cause.cause
-    if isinstance(cause, ApplicationError):
-        return f"{cause.type or 'Error'}: {cause.message}"
-    return str(cause)
 
 
 def _forget(task: asyncio.Task[Any]) -> None:
@@ -131,8 +111,12 @@ def _forget(task: asyncio.Task[Any]) -> None:
 
 
 @workflow.defn
-class BatchRefund:
+class BatchRefund(ApprovalHandlers):
     """Refund every purchase of a batch with one approval, under a window and a rate limit."""
+
+    APPROVAL_SUBJECT = "batch"
+    APPROVAL_OBJECT = "the batch"
+    _status: BatchStatus
 
     @workflow.init
     def __init__(self, inp: BatchRefundInput) -> None:
@@ -190,7 +174,7 @@ class BatchRefund:
                 if not await self._approve(summary):
                     return await self._end(self._status.state)
             except ActivityError as err:
-                self._status.error = f"planning failed: {_error_text(err)}; nothing changed"
+                self._status.error = f"planning failed: {error_text(err)}; nothing changed"
                 return await self._end(BatchState.FAILED)
             except asyncio.CancelledError:
                 self._status.error = "cancelled before any refund started; nothing changed"
@@ -242,7 +226,7 @@ class BatchRefund:
         self._set_state(BatchState.AWAITING_APPROVAL, WaitingFor.APPROVAL)
         await self._notify("approval_requested", describe_summary(summary))
         outcome = await wait_for_decision(
-            lambda: self._approved() or self._rejected_by is not None,
+            self._decided,
             deadline=workflow.now() + policy.approval_timeout,
             reminder_every=policy.reminder_every,
             remind=lambda: self._notify("approval_reminder", "the batch still waits for approval"),
@@ -257,72 +241,13 @@ class BatchRefund:
             return False
         return True
 
-    def _approved(self) -> bool:
-        required = self._status.required_approvals or 0
-        return sum(1 for a in self._status.approvals if a.approve) >= required
-
-    def _decision_refusal(self, decision: ApprovalDecision) -> str | None:
+    def _approval_policy(self) -> ApprovalPolicy | None:
         summary = self._status.summary
-        if self._status.state != BatchState.AWAITING_APPROVAL or summary is None:
-            return f"the batch is {self._status.state.value}, not waiting for approval"
-        info = workflow.info()
-        return refusal_reason(
-            summary.policy,
-            approver=decision.approver,
-            requested_by=self._status.requested_by,
-            decisions=self._status.approvals,
-            decision=decision,
-            workflow_id=info.workflow_id,
-            run_id=info.run_id,
-        )
+        waiting = self._status.state == BatchState.AWAITING_APPROVAL
+        return summary.policy if waiting and summary is not None else None
 
-    def _apply_decision(self, decision: ApprovalDecision) -> None:
-        self._status.approvals.append(approval_record(decision))
-        verb = "approved" if decision.approve else "rejected"
-        comment = f": {decision.comment}" if decision.comment else ""
-        self._mark("approve", f"{verb} the batch{comment}", decision.approver)
-        if not decision.approve:
-            self._rejected_by = decision.approver
-
-    @workflow.signal
-    def approve(self, decision: ApprovalDecision) -> None:
-        """Approve the batch (fire and forget; a refused approval is recorded as ignored)."""
-        take_signalled_decision(
-            decision,
-            approve=True,
-            refusal=self._decision_refusal,
-            apply=self._apply_decision,
-            ignore=self._ignore,
-        )
-
-    @workflow.signal
-    def reject(self, decision: ApprovalDecision) -> None:
-        """Reject the batch: nothing changes, it ends REJECTED."""
-        take_signalled_decision(
-            decision,
-            approve=False,
-            refusal=self._decision_refusal,
-            apply=self._apply_decision,
-            ignore=self._ignore,
-        )
-
-    @workflow.update
-    async def decide(self, decision: ApprovalDecision) -> DecisionReceipt:
-        """Approve or reject the whole batch; `refund approve <batch id>` sends this."""
-        self._apply_decision(decision)
-        return DecisionReceipt(
-            # The batch is still waiting while the update runs; the run loop moves it on.
-            state=SagaState.AWAITING_APPROVAL,
-            approvals=sum(1 for a in self._status.approvals if a.approve),
-            required_approvals=self._status.required_approvals,
-            message="approved the batch" if decision.approve else "rejected the batch",
-        )
-
-    @decide.validator
-    def _validate_decide(self, decision: ApprovalDecision) -> None:
-        reason = malformed(decision, ApprovalDecision) or self._decision_refusal(decision)
-        if reason:
-            raise ValueError(reason)
+    def _requester(self) -> str:
+        return self._status.requested_by
 
     # --- the children, under the window and the rate limit ------------------------------------
 
@@ -420,7 +345,6 @@ class BatchRefund:
                 approval_run_id=info.first_execution_run_id,
             ),
         )
-        pinned = workflow.patched(CHILDREN_PINNED)
         try:
             handle = await workflow.start_child_workflow(
                 RefundSaga.run,
@@ -430,8 +354,8 @@ class BatchRefund:
                 # whatever happens to the batch, and they outlive each run of it.
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 cancellation_type=workflow.ChildWorkflowCancellationType.ABANDON,
-                memo=shape_memo() if pinned else None,
-                search_attributes=at_start(request) if pinned else None,
+                # Listed as `refund start` lists its sagas: no upsert of PREPARING per child.
+                search_attributes=at_start(request),
                 static_summary=(
                     f"Batch {info.workflow_id}: refund purchase {item.purchase_id}, "
                     f"{format_money(item.amount_cents, item.currency)}"
@@ -644,23 +568,14 @@ class BatchRefund:
         workflow.logger.info("ignored %s: %s", kind, reason)
 
     async def _notify(self, kind: NotificationKind, text: str) -> None:
-        try:
-            await self._send_notification(kind, text)
-        except ActivityError as err:
-            # A lost notification must not stop or fail a batch.
-            workflow.logger.warning("notification %s lost: %s", kind, _error_text(err))
-
-    async def _send_notification(self, kind: NotificationKind, text: str) -> None:
-        await workflow.execute_activity_method(
-            RefundActivities.notify,
+        err = await send_notification(
             Notification(
                 kind=kind,
                 workflow_id=workflow.info().workflow_id,
                 # A batch concerns many purchases: 0 stands for "see the batch".
                 purchase_id=0,
                 text=text,
-            ),
-            start_to_close_timeout=timedelta(seconds=20),
-            retry_policy=RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=30)),
-            summary=f"notify: {kind}",
+            )
         )
+        if err is not None:
+            workflow.logger.warning("notification %s lost: %s", kind, error_text(err))

@@ -23,7 +23,7 @@ from temporalio.common import (
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
-from workflows.refund_saga import RefundSaga, shape_memo
+from workflows.refund_saga import RefundSaga
 from workflows.restore_progress import RestoreProgress
 from workflows.waiting import malformed
 
@@ -217,7 +217,6 @@ class FailedRefundTask:
                     request,
                     id=saga_id,
                     parent_close_policy=ParentClosePolicy.ABANDON,
-                    memo=shape_memo(),
                     search_attributes=sa.at_start(request),
                     static_summary=f"Refund purchase {check.purchase_id} again: {amount}",
                     static_details=(

@@ -16,20 +16,17 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows.waiting import (
-    approval_record,
-    malformed,
-    take_signalled_decision,
-    wait_for_decision,
-)
+from workflows.approvals import ApprovalHandlers
+from workflows.failures import innermost
+from workflows.notify import send_notification
+from workflows.waiting import wait_for_decision
 
 with workflow.unsafe.imports_passed_through():
     from activities.batch_activities import RESTORE_REFUSED, BatchActivities
-    from activities.refund_activities import RefundActivities
-    from refundsaga.approval import refusal_reason, start_refusal
+    from refundsaga.approval import start_refusal
     from refundsaga.contracts import (
         ApprovalDecision,
-        DecisionReceipt,
+        ApprovalPolicy,
         IgnoredMessage,
         Notification,
         NotificationKind,
@@ -43,7 +40,6 @@ with workflow.unsafe.imports_passed_through():
         RestoreResult,
         RestoreState,
         RestoreStatus,
-        SagaState,
         TimelineEntry,
         WaitingFor,
     )
@@ -67,17 +63,19 @@ PURGE_TIMEOUT = timedelta(minutes=10)
 
 def _error(err: BaseException) -> tuple[str | None, str]:
     """The type and the innermost message of an activity failure."""
-    cause: BaseException | None = err
-    while isinstance(cause, ActivityError) and cause.cause is not None:
-        cause = cause.cause
+    cause = innermost(err)
     if isinstance(cause, ApplicationError):
         return cause.type, cause.message
     return None, str(cause)
 
 
 @workflow.defn
-class RestoreProgress:
+class RestoreProgress(ApprovalHandlers):
     """Restore the progress snapshot of one completed saga, with approval, within retention."""
+
+    APPROVAL_SUBJECT = "restore"
+    APPROVAL_OBJECT = "the restore"
+    _status: RestoreStatus
 
     @workflow.init
     def __init__(self, request: RestoreRequest) -> None:
@@ -171,7 +169,7 @@ class RestoreProgress:
         expiry = self._status.expires_at
         assert expiry is not None
         outcome = await wait_for_decision(
-            lambda: self._approved() or self._rejected_by is not None,
+            self._decided,
             deadline=workflow.now() + policy.approval_timeout,
             reminder_every=policy.reminder_every,
             remind=lambda: self._notify(
@@ -194,77 +192,24 @@ class RestoreProgress:
             return False
         return True
 
-    def _approved(self) -> bool:
-        return sum(1 for a in self._status.approvals if a.approve) >= RESTORE_APPROVALS
+    def _approval_policy(self) -> ApprovalPolicy | None:
+        check = self._status.check
+        waiting = self._status.state == RestoreState.AWAITING_APPROVAL
+        return check.policy if waiting and check is not None else None
+
+    def _requester(self) -> str:
+        return self._request.operator
 
     def _decision_refusal(self, decision: ApprovalDecision) -> str | None:
-        check = self._status.check
-        if self._status.state != RestoreState.AWAITING_APPROVAL or check is None:
-            return f"the restore is {self._status.state.value}, not waiting for approval"
-        info = workflow.info()
-        reason = refusal_reason(
-            check.policy,
-            approver=decision.approver,
-            requested_by=self._request.operator,
-            decisions=self._status.approvals,
-            decision=decision,
-            workflow_id=info.workflow_id,
-            run_id=info.run_id,
-        )
+        reason = super()._decision_refusal(decision)
+        # The shared rules speak of a refund.
         return reason.replace("this refund", "this restore") if reason else None
-
-    def _apply_decision(self, decision: ApprovalDecision) -> None:
-        self._status.approvals.append(approval_record(decision))
-        verb = "approved" if decision.approve else "rejected"
-        comment = f": {decision.comment}" if decision.comment else ""
-        self._mark("approve", f"{verb} the restore{comment}", decision.approver)
-        if not decision.approve:
-            self._rejected_by = decision.approver
-
-    @workflow.signal
-    def approve(self, decision: ApprovalDecision) -> None:
-        """Approve the restore (fire and forget; a refused approval is recorded as ignored)."""
-        take_signalled_decision(
-            decision,
-            approve=True,
-            refusal=self._decision_refusal,
-            apply=self._apply_decision,
-            ignore=self._ignore,
-        )
-
-    @workflow.signal
-    def reject(self, decision: ApprovalDecision) -> None:
-        """Reject the restore: nothing changes."""
-        take_signalled_decision(
-            decision,
-            approve=False,
-            refusal=self._decision_refusal,
-            apply=self._apply_decision,
-            ignore=self._ignore,
-        )
 
     def _ignore(self, kind: str, by: str, reason: str) -> None:
         self._status.ignored.append(
             IgnoredMessage(kind=kind, by=by, at=workflow.now(), reason=reason)
         )
         workflow.logger.info("ignored %s: %s", kind, reason)
-
-    @workflow.update
-    async def decide(self, decision: ApprovalDecision) -> DecisionReceipt:
-        """Approve or reject; `refund approve restore-<saga>` sends this."""
-        self._apply_decision(decision)
-        return DecisionReceipt(
-            state=SagaState.AWAITING_APPROVAL,
-            approvals=sum(1 for a in self._status.approvals if a.approve),
-            required_approvals=RESTORE_APPROVALS,
-            message="approved the restore" if decision.approve else "rejected the restore",
-        )
-
-    @decide.validator
-    def _validate_decide(self, decision: ApprovalDecision) -> None:
-        reason = malformed(decision, ApprovalDecision) or self._decision_refusal(decision)
-        if reason:
-            raise ValueError(reason)
 
     # --- the end, status ----------------------------------------------------------------------
 
@@ -316,23 +261,15 @@ class RestoreProgress:
         )
 
     async def _notify(self, kind: NotificationKind, text: str, purchase_id: int | None) -> None:
-        try:
-            await workflow.execute_activity_method(
-                RefundActivities.notify,
-                Notification(
-                    kind=kind,
-                    workflow_id=workflow.info().workflow_id,
-                    purchase_id=purchase_id or 0,
-                    text=text,
-                ),
-                start_to_close_timeout=timedelta(seconds=20),
-                retry_policy=RetryPolicy(
-                    maximum_attempts=3, maximum_interval=timedelta(seconds=30)
-                ),
-                summary=f"notify: {kind}",
+        err = await send_notification(
+            Notification(
+                kind=kind,
+                workflow_id=workflow.info().workflow_id,
+                purchase_id=purchase_id or 0,
+                text=text,
             )
-        except ActivityError as err:
-            # A lost notification must not stop a restore.
+        )
+        if err is not None:
             workflow.logger.warning("notification %s lost: %s", kind, _error(err)[1])
 
 

@@ -1,8 +1,7 @@
 """Waiting for people inside a workflow (saga, batch, restore): the approval wait, and the guard
 that keeps a malformed message from wedging a workflow.
 
-Workflow code: deterministic (workflow time and durable timers only). The commands it issues
-are exactly those of the loops it replaced, so recorded histories replay unchanged.
+Workflow code: deterministic (workflow time and durable timers only).
 """
 
 from __future__ import annotations
@@ -12,9 +11,6 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from temporalio import workflow
-
-with workflow.unsafe.imports_passed_through():
-    from refundsaga.contracts import ApprovalDecision, ApprovalRecord
 
 
 async def wait_for_decision(
@@ -77,36 +73,3 @@ def ignored_malformed(
     if reason:
         ignore(kind, "unknown", reason)
     return reason is not None
-
-
-def approval_record(decision: ApprovalDecision) -> ApprovalRecord:
-    """The decision as the workflow keeps it, stamped with workflow time."""
-    return ApprovalRecord(
-        approver=decision.approver,
-        approve=decision.approve,
-        at=workflow.now(),
-        comment=decision.comment,
-        signature=decision.signature,
-    )
-
-
-def take_signalled_decision(
-    message: object,
-    *,
-    approve: bool,
-    refusal: Callable[[ApprovalDecision], str | None],
-    apply: Callable[[ApprovalDecision], None],
-    ignore: Callable[[str, str, str], None],
-) -> None:
-    """An `approve` or `reject` signal (fire and forget): applied, or recorded as ignored with
-    why (malformed, or refused by the workflow's `refusal`)."""
-    kind = "approve" if approve else "reject"
-    if ignored_malformed(kind, message, ApprovalDecision, ignore):
-        return
-    assert isinstance(message, ApprovalDecision)
-    decision = message.model_copy(update={"approve": approve})
-    reason = refusal(decision)
-    if reason:
-        ignore(kind, decision.approver, reason)
-    else:
-        apply(decision)

@@ -36,10 +36,6 @@ def build_report(
         # The same naive shape in the SDK's sandbox, its default: what a team that did not
         # measure would run.
         ratios["throughput_ratio_vs_sandboxed_baseline"] = ratio("per_s", "baseline_sandboxed")
-    if "saga" in variants and "saga_patched" in variants:
-        # The shape pinned at the start against the same saga asking its patch.
-        ratios["throughput_ratio_vs_saga_patched"] = ratio("per_s", "saga_patched")
-        ratios["server_cpu_ratio_vs_saga_patched"] = ratio("server_cpu_s_per_wf", "saga_patched")
 
     def med(variant: str, key: str) -> float:
         return figures.get(variant, {}).get(key, {}).get("median", float("nan"))

@@ -37,7 +37,7 @@ from refundsaga.contracts import (
 )
 from refundsaga.ids import workflow_id_for
 from refundsaga.settings import Settings
-from workflows.refund_saga import RefundSaga, shape_memo
+from workflows.refund_saga import RefundSaga
 
 SAGA = StatusSource(
     "refund saga",
@@ -59,13 +59,9 @@ def resolve_workflow_id(ref: str) -> str:
 
 
 async def start_refund(
-    client: Client, settings: Settings, request: RefundRequest, *, pin_shape: bool = True
+    client: Client, settings: Settings, request: RefundRequest
 ) -> WorkflowHandle[RefundSaga, SagaStatus]:
-    """Start a saga for the purchase, refused when one is already running for it.
-
-    The saga's shape is pinned in the start's memo (SHAPE_MEMO); `pin_shape=False` leaves it to
-    the saga's patch, as older starters and batch runs do (the bench compares the two).
-    """
+    """Start a saga for the purchase, refused when one is already running for it."""
     if request.batch_approval is not None:
         raise Refused("a batch approval is given by `refund batch`, not by a single start")
     workflow_id = workflow_id_for(request.purchase_id)
@@ -82,8 +78,6 @@ async def start_refund(
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             search_attributes=sa.at_start(request),
-            # The saga's shape, decided here instead of by a patch marker (SHAPE_MEMO).
-            memo=shape_memo() if pin_shape else None,
             static_summary=f"Refund purchase {request.purchase_id}: {amount}",
             static_details=(
                 f"Requested by **{request.requested_by}** for purchase "
