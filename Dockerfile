@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# The RefundSaga worker image. The same image runs the one-shot `migrate` service and, for a
-# staging run, the processor and AMS sandboxes (see docker-compose.yml).
+# The RefundSaga worker image. The same image runs the one-shot `migrate` service, the
+# `webhooks` receiver and, for a staging run, the processor and AMS sandboxes (see
+# docker-compose.yml).
 #
 #   docker build -t refundsaga-worker .
 #
@@ -22,6 +23,7 @@ COPY pyproject.toml README.md *.py ./
 COPY refundsaga ./refundsaga
 COPY workflows ./workflows
 COPY activities ./activities
+COPY console ./console
 COPY sandboxes ./sandboxes
 
 # Runtime dependencies only: no `[dev]` extra.

@@ -13,8 +13,12 @@ WAITING_FOR = SearchAttributeKey.for_keyword("WaitingFor")
 PURCHASE_ID = SearchAttributeKey.for_keyword("PurchaseId")
 REFUND_AMOUNT_CENTS = SearchAttributeKey.for_int("RefundAmountCents")
 REQUESTED_BY = SearchAttributeKey.for_keyword("RequestedBy")
+# What started it: "webhook" or "sweep" (processor events). Support's starts carry none, so a
+# server without this attribute registered still takes them; none means "support".
+REFUND_SOURCE = SearchAttributeKey.for_keyword("RefundSource")
+SOURCE_SUPPORT = "support"
 
-ALL = (REFUND_STATE, WAITING_FOR, PURCHASE_ID, REFUND_AMOUNT_CENTS, REQUESTED_BY)
+ALL = (REFUND_STATE, WAITING_FOR, PURCHASE_ID, REFUND_AMOUNT_CENTS, REQUESTED_BY, REFUND_SOURCE)
 
 
 def at_start(request: RefundRequest) -> TypedSearchAttributes:
@@ -31,6 +35,8 @@ def at_start(request: RefundRequest) -> TypedSearchAttributes:
     ]
     if request.amount_cents is not None:
         pairs.append(SearchAttributePair(REFUND_AMOUNT_CENTS, request.amount_cents))
+    if request.reconcile is not None:
+        pairs.append(SearchAttributePair(REFUND_SOURCE, request.reconcile.source))
     return TypedSearchAttributes(pairs)
 
 

@@ -72,6 +72,15 @@ class Settings(BaseSettings):
         default=STRIPE_API_VERSION, pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(\.[a-z]+)?$"
     )
 
+    # Processor webhooks (`refund webhooks serve`): the endpoint's signing secret from the
+    # processor's dashboard (Stripe: `whsec_...`); without it the receiver refuses to start.
+    processor_webhook_secret: SecretStr | None = None
+    # How old a signed delivery may be, as Stripe's libraries default to: an older one, however
+    # well signed, is a replay and is refused.
+    processor_webhook_tolerance_s: int = Field(default=300, ge=1, le=3600)
+    webhooks_host: str = "127.0.0.1"
+    webhooks_port: int = 8305
+
     # AMS entitlement API
     ams_url: str = "http://127.0.0.1:8302"
     ams_api_key: SecretStr = SecretStr(SANDBOX_AMS_KEY)

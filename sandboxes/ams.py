@@ -15,7 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandboxes.common import ApiError, JsonDict, Sandbox, read_json, run_main
+from sandboxes.cli import run_main
+from sandboxes.common import Sandbox
+from sandboxes.wire import ApiError, JsonDict, read_json
 
 DEFAULT_PORT = 8302
 

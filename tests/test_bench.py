@@ -99,7 +99,7 @@ def test_batch_bench_runs_once(tmp_path: Path) -> None:
     # Each saga read its charge and refunded it, once.
     assert report["processor"]["by_kind"] == {"GET charges": 12, "POST refunds": 12}
     assert report["batch_per_s"] > 0
-    # The sagas started pinned: three local activities and no patch marker, lists told only at
+    # The sagas: three local activities and no patch marker, lists told only at
     # the pivot and the end; the batch's own runs are counted too.
     sagas = report["saga_history"]
     assert sagas["sampled"] == 12 and sagas["local_activities"] == 3

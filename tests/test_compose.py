@@ -39,7 +39,7 @@ REQUIRED_SETTINGS = (
     "approvers",
 )
 ONE_SHOT = {"temporal-admin-tools", "temporal-search-attributes", "migrate"}
-LONG_RUNNING = {"postgresql", "temporal", "temporal-ui", "worker"}
+LONG_RUNNING = {"postgresql", "temporal", "temporal-ui", "worker", "webhooks"}
 SANDBOXES = {"processor-sandbox", "ams-sandbox"}
 CLI_TYPES = {"KEYWORD": "Keyword", "INT": "Int", "DOUBLE": "Double", "BOOL": "Bool"}
 # `$$` is Compose's escape for a literal `$`; `${NAME...}` and `$NAME` are interpolated.
@@ -164,11 +164,12 @@ def test_start_up_order(services: dict[str, dict[str, Any]]) -> None:
     def conditions(name: str) -> dict[str, str]:
         return {dep: spec["condition"] for dep, spec in services[name]["depends_on"].items()}
 
-    assert conditions("worker") == {
-        "migrate": "service_completed_successfully",
-        "temporal": "service_healthy",
-        "temporal-search-attributes": "service_completed_successfully",
-    }
+    for starts_sagas in ("worker", "webhooks"):
+        assert conditions(starts_sagas) == {
+            "migrate": "service_completed_successfully",
+            "temporal": "service_healthy",
+            "temporal-search-attributes": "service_completed_successfully",
+        }
     assert conditions("migrate") == {"postgresql": "service_healthy"}
     assert conditions("temporal-admin-tools") == {"postgresql": "service_healthy"}
     assert conditions("temporal") == {"temporal-admin-tools": "service_completed_successfully"}
@@ -263,6 +264,31 @@ def test_env_is_ignored_by_git_and_docker() -> None:
     for ignore_file in (ROOT / ".gitignore", ROOT / ".dockerignore"):
         lines = {line.strip() for line in ignore_file.read_text().splitlines()}
         assert ".env" in lines, f"{ignore_file.name} must list .env"
+
+
+def test_webhooks_service_runs_the_receiver_with_the_workers_temporal_and_store(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    prefix = Settings.model_config["env_prefix"]
+    webhooks = services["webhooks"]
+    env = environment(webhooks)
+    worker = environment(services["worker"])
+    assert webhooks["image"] == services["worker"]["image"]
+    assert webhooks["command"] == ["refund", "webhooks", "serve"]
+    for name in env:
+        assert name.removeprefix(prefix).lower() in Settings.model_fields, name
+    # It starts sagas on the worker's queue, in the worker's namespace and store.
+    for shared in (
+        "REFUND_TEMPORAL_ADDRESS",
+        "REFUND_TEMPORAL_NAMESPACE",
+        "REFUND_TASK_QUEUE",
+        "REFUND_DATABASE_URL",
+    ):
+        assert env[shared] == worker[shared], shared
+    assert env["REFUND_PROCESSOR_WEBHOOK_SECRET"].startswith("${REFUND_PROCESSOR_WEBHOOK_SECRET:?")
+    port = env["REFUND_WEBHOOKS_PORT"]
+    assert webhooks["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert f":{port}/healthz" in command_text({"command": webhooks["healthcheck"]["test"]})
 
 
 # --- Temporal setup and the sandbox profile --------------------------------------------------

@@ -206,10 +206,10 @@ def fail_at_processor(
     domain = processor_domain[1]
 
     def fail(refund_id: str) -> None:
-        refund = domain.refunds[refund_id]
+        # What the sandbox's `POST /_sandbox/refunds/{id}/fail` does, without the HTTP hop.
+        refund = domain.ledger.refunds[refund_id]
         assert refund["status"] == "succeeded"
-        refund["status"] = "failed"
-        refund["failure_reason"] = processor_app.PENDING_FAILURE_REASON
+        domain.ledger.set_status(refund, "failed", "lost_or_stolen_card")
 
     return fail
 

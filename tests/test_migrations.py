@@ -36,6 +36,8 @@ TABLES = {
     "audit_events",
     "refund_claims",
     "refund_request_nonces",
+    "processor_events",
+    "processor_sweep_marks",
 }
 # Indexes the saga's queries depend on (unique constraints are indexes too).
 INDEXED = {

@@ -8,6 +8,8 @@ import hashlib
 import hmac
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -289,3 +291,22 @@ async def test_the_end_is_notified_when_the_first_webhook_try_fails(
     assert [(n.kind, n.workflow_id) for n in notifier.sent] == [("saga_ended", "refund-7")]
     ends = [e for e in sqlite_store.audit_trail(workflow_id="refund-7") if e.event == "saga_ended"]
     assert len(ends) == 1
+
+
+async def test_refund_keys_webhook_secret_makes_a_secret_the_worker_accepts(
+    receiver: Receiver,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "console.cli", "keys", "webhook-secret", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    secret = json.loads(done.stdout)["secret"]
+    settings = Settings(notify_webhook_url=receiver.url, notify_webhook_secret=SecretStr(secret))
+    notifier = notifier_from_settings(settings)  # refuses a secret it cannot use
+    assert isinstance(notifier, CompositeNotifier)
+    await notifier.send(_notification())
+    await notifier.aclose()
+    (got,) = receiver.requests
+    assert verify(got.body, got.headers, secret)

@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalPolicy,
         ApprovalRecord,
         DecisionReceipt,
+        IgnoredMessage,
         SagaState,
     )
 
@@ -37,6 +38,9 @@ class ApprovalStatus(Protocol):
 
     @property
     def required_approvals(self) -> int | None: ...
+
+    @property
+    def ignored(self) -> list[IgnoredMessage]: ...
 
 
 def approval_record(decision: ApprovalDecision) -> ApprovalRecord:
@@ -59,14 +63,14 @@ class ApprovalHandlers:
     # What a decision is said to approve in the timeline and receipts ("approved the batch");
     # empty: just "approved".
     APPROVAL_OBJECT: ClassVar[str] = ""
+    # How many ignored messages the status keeps (the latest); None: all.
+    IGNORED_KEPT: ClassVar[int | None] = None
 
     if TYPE_CHECKING:
         _status: ApprovalStatus
         _rejected_by: str | None
 
         def _mark(self, step: str, outcome: str, actor: str = ...) -> None: ...
-
-        def _ignore(self, kind: str, by: str, reason: str) -> None: ...
 
     def _approval_policy(self) -> ApprovalPolicy | None:
         """The policy decisions are checked against while waiting for approval, else None."""
@@ -75,6 +79,15 @@ class ApprovalHandlers:
     def _requester(self) -> str:
         """Who asked for what is approved: they may not decide on it (four eyes)."""
         raise NotImplementedError
+
+    def _ignore(self, kind: str, by: str, reason: str) -> None:
+        """Record a message the workflow did not act on, and why (shown in its status)."""
+        self._status.ignored.append(
+            IgnoredMessage(kind=kind, by=by, at=workflow.now(), reason=reason)
+        )
+        if self.IGNORED_KEPT is not None:
+            del self._status.ignored[: -self.IGNORED_KEPT]
+        workflow.logger.info("ignored %s: %s", kind, reason)
 
     def _approved(self) -> bool:
         required = self._status.required_approvals or 0

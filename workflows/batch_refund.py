@@ -61,7 +61,6 @@ with workflow.unsafe.imports_passed_through():
         BatchState,
         BatchStatus,
         BatchSummary,
-        IgnoredMessage,
         Notification,
         NotificationKind,
         RefundRequest,
@@ -116,6 +115,7 @@ class BatchRefund(ApprovalHandlers):
 
     APPROVAL_SUBJECT = "batch"
     APPROVAL_OBJECT = "the batch"
+    IGNORED_KEPT = MAX_LISTED
     _status: BatchStatus
 
     @workflow.init
@@ -559,13 +559,6 @@ class BatchRefund(ApprovalHandlers):
             TimelineEntry(at=workflow.now(), step=step, actor=actor, outcome=outcome)
         )
         del self._status.timeline[:-MAX_TIMELINE]
-
-    def _ignore(self, kind: str, by: str, reason: str) -> None:
-        self._status.ignored.append(
-            IgnoredMessage(kind=kind, by=by, at=workflow.now(), reason=reason)
-        )
-        del self._status.ignored[:-MAX_LISTED]
-        workflow.logger.info("ignored %s: %s", kind, reason)
 
     async def _notify(self, kind: NotificationKind, text: str) -> None:
         err = await send_notification(

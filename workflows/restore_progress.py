@@ -27,7 +27,6 @@ with workflow.unsafe.imports_passed_through():
     from refundsaga.contracts import (
         ApprovalDecision,
         ApprovalPolicy,
-        IgnoredMessage,
         Notification,
         NotificationKind,
         PurgeCutoff,
@@ -204,12 +203,6 @@ class RestoreProgress(ApprovalHandlers):
         reason = super()._decision_refusal(decision)
         # The shared rules speak of a refund.
         return reason.replace("this refund", "this restore") if reason else None
-
-    def _ignore(self, kind: str, by: str, reason: str) -> None:
-        self._status.ignored.append(
-            IgnoredMessage(kind=kind, by=by, at=workflow.now(), reason=reason)
-        )
-        workflow.logger.info("ignored %s: %s", kind, reason)
 
     # --- the end, status ----------------------------------------------------------------------
 

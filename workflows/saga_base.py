@@ -36,7 +36,6 @@ with workflow.unsafe.imports_passed_through():
         AmsConfirmation,
         BatchBucket,
         DecisionReceipt,
-        IgnoredMessage,
         Notification,
         NotificationKind,
         RefundPlan,
@@ -245,12 +244,6 @@ class SagaBase(ApprovalHandlers):
 
     def _ignored_malformed(self, kind: str, message: object, model: type) -> bool:
         return ignored_malformed(kind, message, model, self._ignore)
-
-    def _ignore(self, kind: str, by: str, reason: str) -> None:
-        self._status.ignored.append(
-            IgnoredMessage(kind=kind, by=by, at=workflow.now(), reason=reason)
-        )
-        workflow.logger.info("ignored %s: %s", kind, reason)
 
     async def _notify(self, kind: NotificationKind, text: str) -> None:
         err = await send_notification(

@@ -13,7 +13,7 @@ import typer
 from typer.main import get_command_name
 from typer.models import CommandInfo
 
-from console.cli import admin, approvers, batches, ops, support
+from console.cli import admin, approvers, batches, failed, ops, support
 from console.cli.output import ExitCode, err, print_error
 from refundsaga.temporal import run_and_exit
 
@@ -49,6 +49,7 @@ _HELP_ORDER = (
     "stack",
     "db",
     "batch",
+    "failed",
     "schedules",
     "keys",
 )
@@ -62,7 +63,7 @@ def _name(command: CommandInfo) -> str:
 
 def _assemble() -> None:
     """Every audience's commands on the one `refund` app, in `_HELP_ORDER`."""
-    audiences = (support.app, approvers.app, ops.app, batches.app, admin.app)
+    audiences = (support.app, approvers.app, ops.app, batches.app, failed.app, admin.app)
     commands = {
         _name(info): info for audience in audiences for info in audience.registered_commands
     }

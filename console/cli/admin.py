@@ -3,7 +3,9 @@ demo data, the Temporal schedules, and signing keys."""
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -233,6 +235,19 @@ def keys_generate(
         f"add to the workers' settings: REFUND_APPROVER_PUBLIC_KEYS='{entry}'",
     ):
         out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@keys_app.command("webhook-secret")
+def keys_webhook_secret(as_json: JsonOpt = False) -> None:
+    """Make a Standard Webhooks secret for REFUND_NOTIFY_WEBHOOK_SECRET (and its receiver).
+
+    Example: refund keys webhook-secret
+    """
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    if as_json:
+        emit_json({"secret": secret})
+    else:
+        out.print(secret, markup=False, highlight=False, soft_wrap=True)
 
 
 @schedules_app.command("ensure")

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -38,6 +39,7 @@ PURCHASE_STATUSES = ("active", "partially_refunded", "refunded", "revoked")
 # "chargeback": a lost dispute, by its dispute id (migration 0005).
 LEDGER_SOURCES = ("processor", "external", "chargeback")
 LEDGER_STATUSES = ("succeeded", "pending", "failed")
+PROCESSOR_EVENT_SOURCES = ("webhook", "sweep")
 
 
 def utcnow() -> datetime:
@@ -284,3 +286,34 @@ class RefundRequestNonce(Base):
     nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(255))
     used_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+
+class ProcessorEventRow(Base):
+    """A processor event RefundSaga has acted on (migration 0004).
+
+    The processor delivers an event more than once and out of order, and the sweep finds what
+    a webhook already brought: one row per event id makes every later delivery do nothing.
+    """
+
+    __tablename__ = "processor_events"
+    __table_args__ = (CheckConstraint(_one_of("source", PROCESSOR_EVENT_SOURCES), "source"),)
+
+    event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    outcome: Mapped[str] = mapped_column(String(64))
+
+
+class ProcessorSweepMark(Base):
+    """How far a reconciliation sweep has read the processor's lists (migration 0004): the
+    creation time (Unix seconds, as the processor filters by) and id of the last object seen."""
+
+    __tablename__ = "processor_sweep_marks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created: Mapped[int] = mapped_column(BigInteger)
+    last_object_id: Mapped[str | None] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(
+        default=utcnow, onupdate=utcnow, server_default=func.now()
+    )
