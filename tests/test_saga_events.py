@@ -31,6 +31,7 @@ from refundsaga.contracts import (
     SagaState,
     SagaStatus,
 )
+from refundsaga.ids import reconcile_id_for
 from refundsaga.models import LedgerEntry
 from refundsaga.planning import (
     PlannedRefund,
@@ -51,6 +52,7 @@ from refundsaga.processor_events import (
     ProcessorEvent,
     Reconciliation,
 )
+from refundsaga.reconcile import reconcile_request
 from refundsaga.store import OasisStore
 from refundsaga.store.schema import Refund
 from tests.fixtures.planning import PRICE, snapshot
@@ -258,6 +260,23 @@ def processor_refund(
     return refund
 
 
+def dispute_at_processor(
+    world: SagaWorld, charge_id: str, amount: int | None = None, closed: str | None = None
+) -> dict[str, Any]:
+    """The cardholder disputes the charge at the sandbox; `closed` closes it won or lost."""
+    body = {} if amount is None else {"amount": amount}
+    opened = world.processor.http.post(f"/_sandbox/charges/{charge_id}/dispute", json=body)
+    opened.raise_for_status()
+    dispute: dict[str, Any] = opened.json()
+    if closed is not None:
+        response = world.processor.http.post(
+            f"/_sandbox/disputes/{dispute['id']}/close", json={"status": closed}
+        )
+        response.raise_for_status()
+        dispute = response.json()
+    return dispute
+
+
 def ledger(world: SagaWorld, purchase_id: int) -> list[tuple[str, int, str, str]]:
     """(processor id, amount, source, status) of the purchase's ledger rows."""
     with world.store.engine.begin() as db:
@@ -376,6 +395,34 @@ async def test_a_partial_outside_refund_keeps_access(world: SagaWorld) -> None:
     assert calls(world, "POST", "/v1/refunds") == 0
 
 
+async def test_a_lost_chargeback_is_reconciled_and_recorded_as_a_chargeback(
+    world: SagaWorld,
+) -> None:
+    purchase = world.seed("standard")
+    lost = dispute_at_processor(world, purchase.charge_id, closed="lost")
+    world.processor.clear_requests()
+
+    handle = await reconcile(world, purchase.purchase_id, lost["id"], "chargeback")
+    waiting = await world.wait_for(handle, SagaState.AWAITING_APPROVAL)
+    assert waiting.plan is not None and waiting.plan.reconcile is not None
+    assert waiting.plan.reconcile.amount_cents == purchase.amount_cents
+    assert waiting.plan.revoke_progress and waiting.plan.required_approvals == 1
+    assert "reconciliation of a lost chargeback" in waiting.timeline[0].outcome
+    await handle.execute_update(RefundSaga.decide, ApprovalDecision(approver="bob"))
+    result = await handle.result()
+
+    assert result.state == SagaState.COMPLETED
+    assert ledger(world, purchase.purchase_id) == [
+        (lost["id"], purchase.amount_cents, "chargeback", "succeeded")
+    ]
+    snapshot_ = world.store.load_purchase(purchase.purchase_id)
+    assert snapshot_ is not None and snapshot_.progress_count == 0
+    assert snapshot_.status == "refunded" and snapshot_.refunded_cents == purchase.amount_cents
+    assert world.ams.entitlements(purchase.ams_member_id or "") == []
+    assert calls(world, "POST", "/v1/refunds") == 0
+    assert any("recorded as a chargeback" in t.outcome for t in result.timeline)
+
+
 def forged(world: SagaWorld, purchase: SeededPurchase, case: str) -> tuple[str, str, str]:
     """(kind, object id, why it is refused) of a reconciliation the processor does not back."""
     if case == "no_such_refund":
@@ -391,13 +438,33 @@ def forged(world: SagaWorld, purchase: SeededPurchase, case: str) -> tuple[str, 
         world.processor.set_refund_behavior(purchase.charge_id, "pending")
         pending = processor_refund(world, purchase.charge_id)
         return "external_refund", pending["id"], "pending, not succeeded"
+    if case == "dispute_not_lost":
+        opened = dispute_at_processor(world, purchase.charge_id)
+        return "chargeback", opened["id"], "needs_response, not lost"
+    if case == "dispute_won":
+        won = dispute_at_processor(world, purchase.charge_id, closed="won")
+        return "chargeback", won["id"], "won, not lost"
+    if case == "dispute_of_another_charge":
+        other = world.processor.create_charge(9_995)
+        lost = dispute_at_processor(world, other["id"], closed="lost")
+        return "chargeback", lost["id"], f"of charge {other['id']}"
     assert case == "no_such_dispute"
     return "chargeback", "dp_doesnotexist0", "it has no such dispute"
 
 
-@pytest.mark.parametrize(
-    "case", ["no_such_refund", "our_refund", "another_charge", "still_pending", "no_such_dispute"]
-)
+FORGED = [
+    "no_such_refund",
+    "our_refund",
+    "another_charge",
+    "still_pending",
+    "no_such_dispute",
+    "dispute_not_lost",
+    "dispute_won",
+    "dispute_of_another_charge",
+]
+
+
+@pytest.mark.parametrize("case", FORGED)
 async def test_a_reconciliation_the_processor_does_not_confirm_changes_nothing(
     world: SagaWorld, case: str
 ) -> None:
@@ -502,6 +569,9 @@ def reconciliation_request(reconciliation: Reconciliation = CHARGEBACK, **fields
 def test_starts_name_the_processor_only_for_a_reconciliation() -> None:
     signed_off = POLICY
     assert start_refusal(signed_off, workflow_id="w", request=reconciliation_request()) is None
+    # What the webhook receiver and the sweep start passes.
+    started = reconcile_request(7, CHARGEBACK)
+    assert start_refusal(signed_off, workflow_id=reconcile_id_for(7), request=started) is None
     # With signing on a reconciliation still needs no signature: the evidence is checked.
     signing = POLICY.model_copy(update={"approver_public_keys": {"sam": "A" * 44}})
     assert start_refusal(signing, workflow_id="w", request=reconciliation_request()) is None
@@ -581,7 +651,7 @@ def test_a_reconciliation_revokes_only_when_the_money_back_covers_the_purchase()
 
 
 class StubProcessor:
-    """The processor as a reconciliation reads it, with a dispute (the sandbox has none)."""
+    """The processor as a reconciliation reads it: one charge, no refunds, given disputes."""
 
     def __init__(self, charge_id: str, disputes: dict[str, ProcessorDispute]) -> None:
         self.charge_id = charge_id

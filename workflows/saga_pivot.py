@@ -38,8 +38,8 @@ with workflow.unsafe.imports_passed_through():
 # person decides.
 MAX_NEW_KEYS = 3
 # A pending refund settles on the processor's schedule, and the processor says when. Without
-# its event the saga reads the refund on a fallback timer that backs off from 10 minutes to
-# 6 hours (about 30 reads in 7 days); still pending after 7 days, ops decide.
+# its event the saga reads the refund on a fallback timer that backs off to a few reads a day;
+# still pending after 7 days, ops decide.
 SETTLE_FIRST_READ = timedelta(minutes=10)
 SETTLE_MAX_INTERVAL = timedelta(hours=6)
 SETTLE_TIMEOUT = timedelta(days=7)
