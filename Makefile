@@ -44,7 +44,8 @@ histories: install
 	# server no longer skips this test's 72 hours.
 	REFUND_RECORD_HISTORIES=1 $(VENV)/bin/pytest -q -m "not devserver" -k expires tests/test_batch.py
 
-# Saga vs a no-op baseline on a stack of its own (bench/README.md); N defaults to 500 here.
+# The saga against the naive saga and a no-op baseline, on a stack of its own
+# (bench/README.md); N defaults to 500 here.
 bench: N = 500
 bench: install
 	$(PY) -m bench.bench --n $(N)

@@ -1,11 +1,14 @@
-"""The bench's no-op baseline workflow, its activities, and the bench's own worker process."""
+"""The bench's no-op baseline workflows, their activity, and the bench's own worker process
+(which also runs the naive saga, `bench/naive.py`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 from datetime import timedelta
+from typing import Any
 
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
@@ -88,9 +91,12 @@ def sandboxed_queue(baseline_queue: str) -> str:
 
 async def _serve(baseline_queue: str) -> None:
     # Imported here: a test that only needs the workflow classes should not load settings.
+    from activities.run_scope import RunScopeInterceptor
+    from bench.naive import NaiveSaga, naive_queue
+    from refundsaga.contracts import processor_task_queue
     from refundsaga.settings import get_settings
     from refundsaga.temporal import connect
-    from worker import poller_behavior, workflow_runner
+    from worker import poller_behavior, saga_activities, workflow_runner
 
     settings = get_settings()
     client = await connect(settings)
@@ -100,27 +106,58 @@ async def _serve(baseline_queue: str) -> None:
         loop.add_signal_handler(signum, stop.set)
     # Same concurrency limits, pollers and workflow runner as the stack's saga worker, so
     # neither side gets more; the second queue runs the baseline in the SDK's sandbox whatever
-    # the setting.
-    workers = [
-        Worker(
-            client,
-            task_queue=queue,
-            workflows=[BenchBaseline, BenchBaselineSearchAttributes],
-            activities=[noop_step],
-            max_concurrent_activities=settings.max_concurrent_activities,
-            max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-            max_cached_workflows=settings.max_cached_workflows,
-            workflow_runner=runner,
-            workflow_task_poller_behavior=poller_behavior(settings),
-            activity_task_poller_behavior=poller_behavior(settings),
-        )
-        for queue, runner in (
-            (baseline_queue, workflow_runner(settings)),
-            (sandboxed_queue(baseline_queue), SandboxedWorkflowRunner()),
-        )
-    ]
-    async with workers[0], workers[1]:
-        print("bench worker polling", baseline_queue, sandboxed_queue(baseline_queue), flush=True)
+    # the setting, and the naive saga always runs there (the SDK's default).
+    limits: dict[str, Any] = {
+        "max_concurrent_activities": settings.max_concurrent_activities,
+        "activity_task_poller_behavior": poller_behavior(settings),
+    }
+    workflow_limits: dict[str, Any] = {
+        "max_concurrent_workflow_tasks": settings.max_concurrent_workflow_tasks,
+        "max_cached_workflows": settings.max_cached_workflows,
+        "workflow_task_poller_behavior": poller_behavior(settings),
+    }
+    async with saga_activities(settings) as activities, contextlib.AsyncExitStack() as stack:
+        workers = [
+            Worker(
+                client,
+                task_queue=queue,
+                workflows=[BenchBaseline, BenchBaselineSearchAttributes],
+                activities=[noop_step],
+                workflow_runner=runner,
+                **limits,
+                **workflow_limits,
+            )
+            for queue, runner in (
+                (baseline_queue, workflow_runner(settings)),
+                (sandboxed_queue(baseline_queue), SandboxedWorkflowRunner()),
+            )
+        ]
+        naive = naive_queue(baseline_queue)
+        # The naive saga's workers as the saga's (worker.build_workers): the same activities
+        # and the processor calls on their own queue at the same limit.
+        workers += [
+            Worker(
+                client,
+                task_queue=naive,
+                workflows=[NaiveSaga],
+                activities=activities.others(),
+                workflow_runner=SandboxedWorkflowRunner(),
+                interceptors=[RunScopeInterceptor()],
+                **limits,
+                **workflow_limits,
+            ),
+            Worker(
+                client,
+                task_queue=processor_task_queue(naive),
+                activities=activities.processor_calls(),
+                max_task_queue_activities_per_second=settings.processor_calls_per_s or None,
+                interceptors=[RunScopeInterceptor()],
+                **limits,
+            ),
+        ]
+        for worker in workers:
+            await stack.enter_async_context(worker)
+        print("bench worker polling", *(w.task_queue for w in workers), flush=True)
         await stop.wait()
 
 

@@ -1,14 +1,16 @@
 """Batch throughput: one cancelled event of N buyers, refunded with one command and one approval.
 
-`python -m bench.batch --n 1000 [--rate 20] [--window 20] [--processor-calls-per-s 50]` brings
+`python -m bench.batch --n 1000 [--rate 20] [--window 20] [--processor-calls-per-s 20]` brings
 up a stack of its own (free ports, sandboxes in memory), seeds one event with N buyers, starts
 the batch as `refund batch` does, approves it as `refund approve` does, waits until the batch
-has ended, and reports: purchases per second from the approval to the end, every purchase's
-end state (refunded once, no progress, no active entitlement), the processor's request log
-(calls per second, the most in any 1 s and 10 s, against REFUND_PROCESSOR_CALLS_PER_S), and
-the worker's and the dev server's CPU per purchase, and the history events of the sagas (a
-sample) and of the batch's runs per purchase. No timing is asserted anywhere: this prints
-figures and writes `bench/results/batch.json`.
+has ended, and reports: the time from the approval to the last refund at the processor against
+the processor-bound time (every call of the batch at the limit), purchases per second, every
+purchase's end state (refunded once, no progress, no active entitlement), the processor's
+request log (calls per second, the most in any 1 s and 10 s, against the limit), the CPU per
+purchase of the worker, the dev server and the sandboxes and how busy the machine was, and the
+history events and billable Actions of the sagas (a sample) and of the batch's runs per
+purchase. No timing is asserted anywhere: this prints figures and writes
+`bench/results/batch.json`.
 """
 
 from __future__ import annotations
@@ -22,50 +24,63 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 from temporalio.client import Client
 
-from bench.lib.measure import cpu_seconds, history_stats, load_1m, wait_if_asked
+from bench.lib.actions import actions_from_history
+from bench.lib.measure import (
+    cpu_seconds,
+    history_stats,
+    load_1m,
+    machine_busy_seconds,
+    wait_if_asked,
+)
 from bench.lib.options import add_run_options
+from bench.lib.processor_log import RequestLogTail, clear_processor_requests
 from bench.lib.report import RESULTS, write_report
 from bench.lib.stack import BenchStack, bench_stack
 from console import operations as ops
 from console.seed import seed_buyers
 from refundsaga.batch import max_in_window
 from refundsaga.contracts import ApprovalDecision, BatchRefundInput, BatchState
-from refundsaga.settings import Settings
 from refundsaga.store import OasisStore
 from refundsaga.temporal import connect
 
 APPROVERS = ("bob", "carol")
 
 
-def _processor_auth(settings: Settings) -> dict[str, str]:
-    return {"Authorization": f"Bearer {settings.processor_api_key.get_secret_value()}"}
+# The processor limit bench.batch runs at unless told: the setting's default, which a cancelled
+# event meets in production (issue 22).
+DEFAULT_PROCESSOR_CALLS_PER_S = 20.0
 
 
-def _processor_calls(bench: BenchStack) -> list[tuple[float, str]]:
-    log = httpx.get(
-        f"{bench.settings.processor_url}/_sandbox/requests",
-        headers=_processor_auth(bench.settings),
-        timeout=60,
-    ).json()
-    return [
-        (r["ts"], f"{r['method']} {r['path'].split('/')[2]}")
-        for r in log
-        if not r["path"].startswith("/_sandbox")
-    ]
-
-
-async def _events_of_every_run(client: Client, workflow_id: str, run_id: str | None) -> int:
-    """History events of a workflow's first run and of every run it continued as new into."""
+async def _every_run(
+    client: Client, workflow_id: str, run_id: str | None
+) -> tuple[int, Counter[str]]:
+    """History events and billable Actions (by kind) of a workflow's first run and of every
+    run it continued as new into."""
     events = 0
+    actions: Counter[str] = Counter()
     while run_id:
         history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
         events += len(history.events)
+        actions += actions_from_history(history)
         last = history.events[-1].workflow_execution_continued_as_new_event_attributes
         run_id = last.new_execution_run_id or None
-    return events
+    return events, actions
+
+
+def processor_bound(calls: int, limit: float | None) -> float | None:
+    """The least time the processor's limit allows for `calls` calls; None without a limit."""
+    return calls / limit if limit else None
+
+
+def _cpu(bench: BenchStack) -> dict[str, float]:
+    return {
+        "worker": cpu_seconds(bench.pid("worker")),
+        "server": cpu_seconds(bench.pid("temporal")),
+        "sandboxes": cpu_seconds(bench.pid("processor")) + cpu_seconds(bench.pid("ams")),
+        "machine": machine_busy_seconds(),
+    }
 
 
 async def run_batch(
@@ -102,14 +117,11 @@ async def run_batch(
     if status.state != BatchState.AWAITING_APPROVAL or status.summary is None:
         raise RuntimeError(f"batch {handle.id} is {status.state.value}, not awaiting approval")
     # Planning read every charge; from here on, the sagas' calls.
-    httpx.delete(
-        f"{settings.processor_url}/_sandbox/requests", headers=_processor_auth(settings), timeout=60
-    ).raise_for_status()
-    cpu0 = {
-        "worker": cpu_seconds(bench.pid("worker")),
-        "server": cpu_seconds(bench.pid("temporal")),
-    }
+    await asyncio.to_thread(clear_processor_requests, settings)
+    cpu0 = _cpu(bench)
     began = time.perf_counter()
+    # The processor's log stamps requests with the wall clock.
+    approved_at = time.time()
     for approver in APPROVERS[: status.summary.required_approvals]:
         await ops.decide(client, handle.id, ApprovalDecision(approver=approver))
     last = [0.0]
@@ -120,24 +132,35 @@ async def run_batch(
             c = s.counts
             print(f"  {s.state.value}: done {c.done}/{n} running {c.running} failed {c.failed}")
 
-    final = await ops.wait_batch(client, handle.id, timeout_s=3600, on_poll=progress)
-    elapsed = time.perf_counter() - began
-    cpu = {
-        "worker": cpu_seconds(bench.pid("worker")) - cpu0["worker"],
-        "server": cpu_seconds(bench.pid("temporal")) - cpu0["server"],
-    }
-    calls = _processor_calls(bench)
+    # The log keeps the last 10,000 calls: a large batch is read as it goes.
+    async with RequestLogTail(settings).running() as log:
+        final = await ops.wait_batch(client, handle.id, timeout_s=3600, on_poll=progress)
+        elapsed = time.perf_counter() - began
+        cpu1 = _cpu(bench)
+    cpu = {name: cpu1[name] - cpu0[name] for name in cpu0}
+    calls = [(r["ts"], f"{r['method']} {r['path'].split('/')[2]}") for r in log.requests]
     times = [ts for ts, _ in calls]
     span = (max(times) - min(times)) if len(times) > 1 else 0.0
+    refunds_at = [ts for ts, kind in calls if kind == "POST refunds"]
+    # Approval to the last refund the processor received: what its limit bounds.
+    batch_s = (max(refunds_at) - approved_at) if refunds_at else float("nan")
+    bound_s = processor_bound(len(calls), limit)
     sagas = await history_stats(client, [ops.workflow_id_for(pid) for pid in purchase_ids], 50)
-    batch_events = await _events_of_every_run(client, handle.id, handle.result_run_id)
+    batch_events, batch_actions = await _every_run(client, handle.id, handle.result_run_id)
     ended = [store.load_purchase(pid) for pid in purchase_ids]
     wrong = [p for p in ended if p is None or p.status != "refunded" or p.progress_count]
     return {
+        "batch_purchases_per_s": n / batch_s if batch_s > 0 else float("nan"),
+        "processor_bound_s": bound_s,
+        "batch_s": batch_s,
+        "bound_ratio": batch_s / bound_s if bound_s else None,
+        "processor_calls_per_purchase": len(calls) / n,
+        "actions_per_refund": sagas.get("actions"),
         "batch_id": handle.id,
         "state": final.state.value,
         "purchases": n,
         "plan_s": plan_s,
+        # Approval to the batch's end (its last saga closed, the batch reported).
         "seconds": elapsed,
         "batch_per_s": n / elapsed,
         "counts": final.counts.model_dump(),
@@ -150,13 +173,19 @@ async def run_batch(
             "max_in_1s": max_in_window(times, 1.0),
             "max_in_10s": max_in_window(times, 10.0),
             "limit_per_s": limit,
+            "log_overflowed": log.overflowed,
         },
         "start_rate_per_s": rate,
         "window": window,
         "worker_cpu_s_per_purchase": cpu["worker"] / n,
         "server_cpu_s_per_purchase": cpu["server"] / n,
+        "sandboxes_cpu_s_per_purchase": cpu["sandboxes"] / n,
+        # Of all cores, approval to the end: near 1, the machine and not the processor binds.
+        "machine_busy_share": cpu["machine"] / (elapsed * (os.cpu_count() or 1)),
         "saga_history": sagas,
         "batch_events_per_purchase": batch_events / n,
+        "batch_actions_per_purchase": sum(batch_actions.values()) / n,
+        "batch_actions_by_kind": dict(sorted(batch_actions.items())),
         "errors": final.counts.failed + final.counts.needs_attention + len(wrong),
     }
 
@@ -170,27 +199,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--processor-calls-per-s",
         type=float,
-        default=None,
-        help="REFUND_PROCESSOR_CALLS_PER_S for the stack's worker (default: the setting's)",
+        default=DEFAULT_PROCESSOR_CALLS_PER_S,
+        help="REFUND_PROCESSOR_CALLS_PER_S for the stack's worker (default "
+        f"{DEFAULT_PROCESSOR_CALLS_PER_S:g}; 0: no limit)",
     )
     parser.add_argument("--json-out", type=Path, default=RESULTS / "batch.json")
     add_run_options(parser, sandbox_state=False)
     args = parser.parse_args(argv)
     wait_if_asked(args.max_load, args.max_wait)
-    if args.processor_calls_per_s is not None:
-        # The stack's worker subprocess copies os.environ.
-        os.environ["REFUND_PROCESSOR_CALLS_PER_S"] = f"{args.processor_calls_per_s:g}"
+    if args.processor_calls_per_s < 0:
+        parser.error("--processor-calls-per-s must be 0 (no limit) or more")
+    # The stack's worker subprocess copies os.environ.
+    os.environ["REFUND_PROCESSOR_CALLS_PER_S"] = f"{args.processor_calls_per_s:g}"
     load_before = load_1m()
     with bench_stack(
         auto_approve_below_cents=0,
         bytecode=args.bytecode,
         on_progress=lambda line: print(f"  stack: {line}", flush=True),
     ) as bench:
-        limit = (
-            args.processor_calls_per_s
-            if args.processor_calls_per_s is not None
-            else bench.settings.processor_calls_per_s
-        )
+        limit = args.processor_calls_per_s
         store = OasisStore.from_url(bench.settings.resolved_database_url)
         try:
             print(f"seeding one event with {args.n} buyers ...", flush=True)

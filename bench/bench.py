@@ -1,8 +1,9 @@
-"""Saga throughput against a no-op baseline, side by side on an embedded stack of its own.
+"""Saga throughput against its peers, side by side on an embedded stack of its own.
 
-The scenarios: the saga as `refund start` starts it, and the no-op baselines of the same
-shape (`bench/baseline.py`), run back to back in a rotating order; the stack, the
-measurements and the report are the bench's library (`bench/lib/`).
+The scenarios: the saga as `refund start` starts it, the naive saga doing the same work the
+way the samples would (`bench/naive.py`), and the no-op baselines of the saga's shape
+(`bench/baseline.py`), run back to back in a rotating order; the stack, the measurements and
+the report are the bench's library (`bench/lib/`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bench.baseline import (
 )
 from bench.lib.measure import Wave, history_stats, load_1m, run_wave, wait_if_asked
 from bench.lib.options import add_run_options
+from bench.lib.processor_log import clear_processor_requests, processor_requests
 from bench.lib.profiling import profile_summary, profiled
 from bench.lib.report import RESULTS, build_report, print_table, write_json
 from bench.lib.stack import (
@@ -42,13 +44,24 @@ from bench.lib.stack import (
     seed_standard,
     with_overrides,
 )
+from bench.naive import NAIVE_WORKFLOW, POLL_S, naive_queue, poll_until_ended
 from console.operations import start_refund
 from console.seed import SeededPurchase
 from refundsaga import search_attributes as sa
 from refundsaga.contracts import SagaState, SagaStatus
 from refundsaga.temporal import connect
+from sandboxes.gateway import REQUEST_LOG_SIZE
 
-VARIANTS = ("saga", "baseline", "baseline_sa", "baseline_sandboxed")
+VARIANTS = (
+    "saga",
+    "naive_saga",
+    "baseline",
+    "baseline_sa",
+    "baseline_sandboxed",
+)
+DEFAULT_VARIANTS = "saga,naive_saga,baseline"
+# The variants that refund seeded purchases (the others are no-ops).
+REFUNDING = ("saga", "naive_saga")
 
 
 def _saga_check(result: Any) -> str | None:
@@ -57,6 +70,10 @@ def _saga_check(result: Any) -> str | None:
     if result.state != SagaState.COMPLETED:
         return f"{result.workflow_id} ended {result.state.value}: {result.error}"
     return None
+
+
+def _naive_check(result: Any) -> str | None:
+    return None if result == SagaState.COMPLETED.value else f"naive saga ended {result!r}"
 
 
 def _baseline_check(steps: int) -> Callable[[Any], str | None]:
@@ -83,11 +100,14 @@ async def run_variant(
     py_spy: str = "py-spy",
     rate: float | None = None,
 ) -> Wave:
-    """One wave of `variant`: the saga, the baseline, or the baseline with search attributes."""
+    """One wave of `variant`: the saga, the naive saga, or a baseline; for the refunding
+    variants, the processor calls of the wave from the sandbox's log."""
     global _run_counter
     _run_counter += 1
     run = _run_counter
     starts: list[Callable[[], Awaitable[WorkflowHandle[Any, Any]]]]
+    wait: Callable[[WorkflowHandle[Any, Any]], Awaitable[Any]] | None = None
+    polls = [0]
     if variant in ("baseline", "baseline_sandboxed"):
         queue = BASELINE_QUEUE if variant == "baseline" else sandboxed_queue(BASELINE_QUEUE)
 
@@ -134,10 +154,42 @@ async def run_variant(
 
         starts = [saga(p) for p in purchases[:n]]
         check = _saga_check
+    elif variant == "naive_saga":
+
+        def naive(p: SeededPurchase) -> Callable[[], Awaitable[WorkflowHandle[Any, Any]]]:
+            request = refund_request(p)
+            # Listed from its start like the saga (sa.at_start); one id per purchase.
+            return lambda: client.start_workflow(
+                NAIVE_WORKFLOW,
+                request,
+                id=f"naive-refund-{p.purchase_id}",
+                task_queue=naive_queue(BASELINE_QUEUE),
+                search_attributes=sa.at_start(request),
+            )
+
+        starts = [naive(p) for p in purchases[:n]]
+        check = _naive_check
+
+        def poll(handle: WorkflowHandle[Any, Any]) -> Awaitable[Any]:
+            # The caller polls the state instead of waiting on the result.
+            return poll_until_ended(handle, polls)
+
+        wait = poll
+
     else:
         raise ValueError(f"unknown variant {variant}")
+    refunding = variant in REFUNDING
+    if refunding:
+        # Seeding and the waves before called the processor too: count this wave's calls.
+        await asyncio.to_thread(clear_processor_requests, bench.settings)
     with profiled(bench.worker_pid(variant), profile, py_spy):
-        wave = await run_wave(bench, variant, starts, concurrency, check, rate)
+        wave = await run_wave(bench, variant, starts, concurrency, check, rate, wait)
+    wave.queries = polls[0]
+    if refunding:
+        calls = await asyncio.to_thread(processor_requests, bench.settings)
+        if len(calls) >= REQUEST_LOG_SIZE:
+            raise RuntimeError(f"the processor's request log is full: use --n below {n}")
+        wave.processor_calls = len(calls)
     if profile is not None and profile.exists():
         wave.profile = profile_summary(profile)
     wave.history = await history_stats(client, wave.workflow_ids, history_sample)
@@ -159,11 +211,23 @@ def run_bench(
     sandbox_state: str = "memory",
     bytecode: str = "inherit",
     rate: float | None = None,
+    processor_calls_per_s: float = 0.0,
     on_progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Bring up a stack, run `reps` repetitions of every variant back to back, tear down."""
+    """Bring up a stack, run `reps` repetitions of every variant back to back, tear down.
+
+    `processor_calls_per_s` is the processor queues' limit for the saga and the naive saga
+    alike; 0 lifts it, so that the engine is measured and not the processor.
+    """
     load_before = load_1m()
-    sagas = [v for v in variants if not v.startswith("baseline")]
+    sagas = [v for v in variants if v in REFUNDING]
+    # Both workers copy os.environ (bench_stack).
+    os.environ["REFUND_PROCESSOR_CALLS_PER_S"] = f"{processor_calls_per_s:g}"
+    on_progress(
+        f"processor limit: {processor_calls_per_s:g} calls/s for every variant"
+        if processor_calls_per_s
+        else "processor limit: none (0): the engine is measured, not the processor"
+    )
     with bench_stack(
         auto_approve_below_cents=AUTO_APPROVE_ALL_CENTS,
         pragmas=pragmas,
@@ -234,6 +298,8 @@ def run_bench(
         "temporal_sqlite_pragmas": list(pragmas),
         "temporal_dynamic_config": list(dynamic_config),
         "auto_approve_below_cents": AUTO_APPROVE_ALL_CENTS,
+        "processor_calls_per_s": processor_calls_per_s,
+        "naive_poll_s": POLL_S,
         "cpus": os.cpu_count(),
         "load_1m_before": load_before,
         "load_1m_after": load_1m(),
@@ -250,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m bench.bench --n 500 [--concurrency C] [--reps 3] [--json-out PATH]`."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.bench",
-        description="RefundSaga throughput and latency against a no-op baseline, same stack.",
+        description="RefundSaga throughput, latency and cost against a naive saga and a no-op "
+        "baseline, same stack.",
     )
     parser.add_argument("--n", type=int, default=500, help="workflows per variant and rep")
     parser.add_argument("--concurrency", type=int, default=20, help="workflows in flight")
@@ -264,8 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
         "--variants",
-        default="saga,baseline,baseline_sandboxed",
+        default=DEFAULT_VARIANTS,
         help=f"comma-separated, from {', '.join(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--processor-calls-per-s",
+        type=float,
+        default=0.0,
+        help="REFUND_PROCESSOR_CALLS_PER_S for the saga's and the naive saga's processor queues "
+        "(default 0: no limit, the engine is measured)",
     )
     parser.add_argument(
         "--sqlite-pragmas",
@@ -296,6 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown or not variants:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.processor_calls_per_s < 0:
+        parser.error("--processor-calls-per-s must be 0 (no limit) or more")
+    # Each wave's calls are counted from the sandbox's log, which keeps the last
+    # REQUEST_LOG_SIZE: two calls per refund must fit.
+    if set(variants) & set(REFUNDING) and 2 * args.n >= REQUEST_LOG_SIZE:
+        parser.error(f"--n must be below {REQUEST_LOG_SIZE // 2} for the refunding variants")
     try:
         dynamic_config = with_overrides(STACK_DYNAMIC_CONFIG, args.dynamic_config or ())
     except ValueError as err:
@@ -318,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sandbox_state=args.sandbox_state,
         bytecode=args.bytecode,
         rate=args.rate,
+        processor_calls_per_s=args.processor_calls_per_s,
     )
     print_table(report)
     write_json(report, args.json_out)

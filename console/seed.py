@@ -89,7 +89,14 @@ def seed_purchase(
         http,
         "POST",
         f"{processor_url}/_sandbox/charges",
-        {"amount": price, "currency": "usd", "refund_behavior": behavior, "settle_after_polls": 2},
+        {
+            "amount": price,
+            "currency": "usd",
+            "refund_behavior": behavior,
+            "settle_after_polls": 2,
+            # A pending refund settles a few seconds later, announced by webhook.
+            "settle_after_s": 3 if behavior == "pending" else None,
+        },
         api_key=processor_api_key,
     )
     charge_id = str(charge["id"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 import stripe
 from starlette.applications import Starlette
@@ -19,12 +20,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from temporalio.client import Client
 
+from refundsaga.logs import configure_logging
 from refundsaga.reconcile import MalformedEvent, parse_event
 from refundsaga.reconcile_dispatch import ReconcileDispatcher
-from refundsaga.settings import Settings
+from refundsaga.settings import Settings, get_settings
 from refundsaga.store import OasisStore
 from refundsaga.store.inbox import ProcessorInbox
-from refundsaga.temporal import connect
+from refundsaga.temporal import TemporalUnavailable, connect
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,21 @@ def build_app(
             Route("/healthz", healthz, methods=["GET"]),
         ]
     )
+
+
+def main() -> None:
+    """`refund webhooks serve` and the stack's receiver process: one line and exit 2 when it
+    is misconfigured, 1 when Temporal cannot be reached."""
+    settings = get_settings()
+    configure_logging(settings.log_format)
+    try:
+        serve(settings)
+    except WebhooksRefused as err:
+        print(f"refund webhooks: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except TemporalUnavailable as err:
+        print(f"refund webhooks: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def serve(settings: Settings) -> None:

@@ -208,6 +208,7 @@ class Ledger:
             "created": self.core.now_int(),
             "behavior": behavior,
             "settle_after_polls": charge["settle_after_polls"],
+            "settle_after_s": charge.get("settle_after_s"),
             "polls": 0,
         }
         self.refunds[refund["id"]] = refund

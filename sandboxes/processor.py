@@ -10,6 +10,7 @@ form-encoded and answers are JSON, amounts in integer minor units, as with Strip
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,6 +82,7 @@ class ProcessorSandbox:
         self.ledger = Ledger(self.core, self.events, self.disputes)
         self.admin = ProcessorAdmin(self.core, self.ledger)
         self._startup_endpoint = (webhook_url, webhook_secret)
+        self._settling: set[asyncio.Task[None]] = set()
         if webhook_url is not None:
             self._configure_startup_endpoint()
             self.core.save()
@@ -134,9 +136,35 @@ class ProcessorSandbox:
                 behavior=charge["refund_behavior"],
                 cause=request_cause(request),
             )
+            self._settle_later(refund)
             return 200, ledger.refund_view(refund, expand_charge="charge" in expand)
 
         return await self.core.run_idempotent(request, params, handler)
+
+    def _settle_later(self, refund: JsonDict) -> None:
+        """A pending refund on a charge with `settle_after_s` settles by itself then, and its
+        webhooks say so (kept in memory: after a restart it settles on being read)."""
+        delay = refund.get("settle_after_s")
+        if refund["status"] != "pending" or delay is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def start() -> None:
+            task = loop.create_task(self._settle(refund["id"]))
+            self._settling.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._settling.discard)
+
+        loop.call_later(float(delay), start)
+
+    async def _settle(self, refund_id: str) -> None:
+        async with self.core.lock:
+            refund = self.ledger.refunds.get(refund_id)
+            if refund is None or refund["status"] != "pending":
+                return
+            self.ledger.settle(
+                refund, "failed" if refund["behavior"] == "pending_fail" else "succeeded"
+            )
+            self.core.save()
 
     async def get_refund(self, request: Request) -> Response:
         """`GET /v1/refunds/{id}`; each GET of a pending refund brings it closer to settling."""

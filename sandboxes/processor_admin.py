@@ -61,6 +61,14 @@ class ProcessorAdmin:
         polls = data.get("settle_after_polls", 2)
         if isinstance(polls, bool) or not isinstance(polls, int) or polls < 0:
             raise ApiError(400, "settle_after_polls must be a non-negative integer")
+        # As at Stripe, a pending refund may also settle on its own, announced by webhook.
+        settle_after_s = data.get("settle_after_s")
+        if settle_after_s is not None and (
+            isinstance(settle_after_s, bool)
+            or not isinstance(settle_after_s, int | float)
+            or not 0 <= settle_after_s <= 86_400
+        ):
+            raise ApiError(400, "settle_after_s must be a number of seconds from 0 to 86400")
         payment_intent = data.get("payment_intent")
         if payment_intent is not None and not isinstance(payment_intent, str):
             raise ApiError(400, "payment_intent must be a string", param="payment_intent")
@@ -79,6 +87,7 @@ class ProcessorAdmin:
                 "payment_intent": payment_intent,
                 "refund_behavior": behavior,
                 "settle_after_polls": polls,
+                "settle_after_s": settle_after_s,
                 "created": self.core.now_int(),
                 "refund_ids": [],
             }

@@ -121,6 +121,10 @@ def test_cli_refund_end_to_end_with_every_refusal(live_stack: LiveStack) -> None
     assert workflow_id in [s["workflow_id"] for s in pending]
     listed = refund_json(live_stack, "list", "--state", "AWAITING_APPROVAL", "--purchase", pid)
     assert [r["workflow_id"] for r in listed] == [workflow_id]
+    assert [r["source"] for r in listed] == ["support"]
+    by_support = refund_json(live_stack, "list", "--source", "support", "--purchase", pid)
+    assert [r["workflow_id"] for r in by_support] == [workflow_id]
+    assert refund_json(live_stack, "list", "--source", "webhook", "--purchase", pid) == []
 
     approved = refund_json(live_stack, "approve", pid, "--as", "bob")
     assert approved["approvals"] == 1

@@ -252,6 +252,24 @@ def test_a_pending_refund_settling_emits_updated_then_charge_refunded(
     assert updated["request"] == {"id": None, "idempotency_key": None}
 
 
+def test_a_pending_refund_settles_by_itself_after_settle_after_s(
+    sandbox: ProcessorSandbox, receiver: Receiver
+) -> None:
+    charge = sandbox.create_charge(
+        500, refund_behavior="pending", settle_after_polls=99, settle_after_s=0.2
+    )
+    refund = _refund(sandbox, charge["id"]).json()
+    assert refund["status"] == "pending"
+    deadline = time.monotonic() + 10
+    while len(receiver.events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _flush(sandbox)
+
+    # Nobody read the refund: it settled on the processor's own schedule, and said so.
+    assert receiver.types() == ["refund.created", "refund.updated", "charge.refunded"]
+    assert not [r for r in sandbox.requests() if r["method"] == "GET" and refund["id"] in r["path"]]
+
+
 def test_a_pending_refund_that_fails_emits_updated_and_failed(
     sandbox: ProcessorSandbox, receiver: Receiver
 ) -> None:

@@ -135,19 +135,29 @@ def test_up_status_down(stack_settings: Settings, monkeypatch: pytest.MonkeyPatc
     _start_naming_every_search_attribute(f"127.0.0.1:{settings.temporal_port}")
 
     current = {s.name: s for s in stack.status(settings)}
-    assert [s.state for s in current.values()] == ["running"] * 5
+    assert [s.state for s in current.values()] == ["running"] * len(stack.COMPONENTS)
     assert current["ui"].pid == current["temporal"].pid
     assert current["temporal"].url == f"127.0.0.1:{settings.temporal_port}"
     assert current["worker"].url == settings.task_queue
+    webhook_url = f"http://127.0.0.1:{settings.webhooks_port}/stripe/webhook"
+    assert current["webhooks"].url == webhook_url
     with httpx.Client(timeout=5, trust_env=False) as http:
         assert http.get(f"http://127.0.0.1:{settings.ui_port}/").status_code == 200
-        for port in (settings.processor_port, settings.ams_port):
+        for port in (settings.processor_port, settings.ams_port, settings.webhooks_port):
             assert http.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        # The processor sandbox sends its events to the stack's receiver, which refuses an
+        # unsigned delivery.
+        endpoints = http.get(
+            f"http://127.0.0.1:{settings.processor_port}/v1/webhook_endpoints",
+            headers={"Authorization": f"Bearer {settings.processor_api_key.get_secret_value()}"},
+        ).json()["data"]
+        assert [e["url"] for e in endpoints] == [webhook_url]
+        assert http.post(webhook_url, content=b"{}").status_code == 400
     processor_pid = current["processor"].pid
     cmdline = Path(f"/proc/{processor_pid}/cmdline")
     if cmdline.exists():  # the key travels in the environment, not in what `ps` shows
         assert settings.processor_api_key.get_secret_value().encode() not in cmdline.read_bytes()
-    for name in ("temporal", "processor", "ams", "worker"):
+    for name in ("temporal", "processor", "ams", "worker", "webhooks"):
         assert (settings.data_dir / "logs" / f"{name}.log").exists()
         pid_file = settings.data_dir / "pids" / f"{name}.pid"
         assert int(pid_file.read_text()) == current[name].pid
@@ -156,7 +166,7 @@ def test_up_status_down(stack_settings: Settings, monkeypatch: pytest.MonkeyPatc
     assert [(s.name, s.pid) for s in again] == [(s.name, s.pid) for s in statuses]
 
     stopped = stack.down(settings)
-    assert [s.state for s in stopped] == ["stopped"] * 5
+    assert [s.state for s in stopped] == ["stopped"] * len(stack.COMPONENTS)
     _assert_all_stopped(settings)
     assert stack.down(settings) == stopped  # idempotent
 

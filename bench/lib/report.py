@@ -21,7 +21,10 @@ def build_report(
     figures: dict[str, dict[str, dict[str, float]]] = {}
     for variant in variants:
         per_rep = [rep[variant] for rep in by_rep]
-        figures[variant] = {key: summarize([f[key] for f in per_rep]) for key in per_rep[0]}
+        keys = dict.fromkeys(key for f in per_rep for key in f)
+        figures[variant] = {
+            key: summarize([f.get(key, float("nan")) for f in per_rep]) for key in keys
+        }
 
     def ratio(key: str, baseline: str) -> dict[str, float]:
         # Per repetition, then the median: each pair ran back to back on one server.
@@ -32,6 +35,13 @@ def build_report(
         ratios["throughput_ratio"] = ratio("per_s", "baseline")
         ratios["p95_ratio"] = ratio("p95_ms", "baseline")
         ratios["own_cpu_ratio"] = ratio("own_cpu_s_per_wf", "baseline")
+    if "saga" in variants and "naive_saga" in variants:
+        # The same work the way the samples would write it (bench/naive.py).
+        ratios["throughput_ratio_vs_naive"] = ratio("per_s", "naive_saga")
+        ratios["p95_ratio_vs_naive"] = ratio("p95_ms", "naive_saga")
+        ratios["cpu_ratio_vs_naive"] = ratio("stack_cpu_s_per_wf", "naive_saga")
+    if "saga" in variants and "baseline" in variants:
+        ratios["cpu_ratio_vs_noop"] = ratio("stack_cpu_s_per_wf", "baseline")
     if "saga" in variants and "baseline_sandboxed" in variants:
         # The same naive shape in the SDK's sandbox, its default: what a team that did not
         # measure would run.
@@ -39,6 +49,19 @@ def build_report(
 
     def med(variant: str, key: str) -> float:
         return figures.get(variant, {}).get(key, {}).get("median", float("nan"))
+
+    def headline(name: str) -> float:
+        return ratios.get(name, {}).get("median", float("nan"))
+
+    def actions_by_kind(variant: str) -> dict[str, Any]:
+        # One sampled history of the first repetition, and the queries the caller sent.
+        wave = next((w for w in waves[0] if w.variant == variant), None)
+        if wave is None:
+            return {}
+        kinds = dict(wave.history.get("actions_by_kind", {}))
+        if wave.queries:
+            kinds["query_per_wf"] = wave.queries / max(wave.n, 1)
+        return kinds
 
     report: dict[str, Any] = {
         "saga_per_s": med("saga", "per_s"),
@@ -61,6 +84,25 @@ def build_report(
         "baseline_worker_cpu_s_per_wf": med("baseline", "worker_cpu_s_per_wf"),
         "baseline_server_cpu_s_per_wf": med("baseline", "server_cpu_s_per_wf"),
         "saga_worker_peak_rss_mb": med("saga", "worker_peak_rss_mb"),
+        # Issue 22: against the naive saga doing the same work, and the cost of a refund.
+        "naive_saga_per_s": med("naive_saga", "per_s"),
+        "naive_saga_p95_ms": med("naive_saga", "p95_ms"),
+        "throughput_ratio_vs_naive": headline("throughput_ratio_vs_naive"),
+        "p95_ratio_vs_naive": headline("p95_ratio_vs_naive"),
+        "cpu_ratio_vs_naive": headline("cpu_ratio_vs_naive"),
+        "cpu_ratio_vs_noop": headline("cpu_ratio_vs_noop"),
+        "processor_calls_per_refund": med("saga", "processor_calls_per_wf"),
+        "actions_per_refund": med("saga", "actions_per_wf"),
+        "saga_actions_by_kind": actions_by_kind("saga"),
+        "saga_stack_cpu_s_per_saga": med("saga", "stack_cpu_s_per_wf"),
+        "naive_saga_processor_calls_per_refund": med("naive_saga", "processor_calls_per_wf"),
+        "naive_saga_actions_per_refund": med("naive_saga", "actions_per_wf"),
+        "naive_saga_actions_by_kind": actions_by_kind("naive_saga"),
+        "history_events_per_naive_saga": med("naive_saga", "history_events"),
+        "naive_saga_worker_cpu_s_per_wf": med("naive_saga", "worker_cpu_s_per_wf"),
+        "naive_saga_server_cpu_s_per_wf": med("naive_saga", "server_cpu_s_per_wf"),
+        "naive_saga_stack_cpu_s_per_wf": med("naive_saga", "stack_cpu_s_per_wf"),
+        "baseline_stack_cpu_s_per_wf": med("baseline", "stack_cpu_s_per_wf"),
         # Not a median: every error of every repetition and variant counts.
         "errors": sum(w.errors for rep in waves for w in rep),
     }
@@ -77,6 +119,8 @@ def build_report(
                     "wall_s": w.wall_s,
                     "cpu_s": w.cpu_s,
                     "matching": w.matching,
+                    "queries": w.queries,
+                    "processor_calls": w.processor_calls,
                     "error_samples": w.error_samples,
                     "history": w.history,
                     **({"profile": w.profile} if w.profile else {}),
@@ -138,11 +182,16 @@ def print_table(report: dict[str, Any]) -> None:
         ("history_workflow_tasks", "workflow tasks / wf", 0),
         ("history_activities", "activities / wf", 0),
         ("history_local_activities", "markers / wf (local act., patch)", 0),
+        ("history_actions", "billable actions / wf (hist.)", 1),
+        ("queries_per_wf", "queries / wf (polling)", 1),
+        ("actions_per_wf", "billable actions / wf (all)", 1),
+        ("processor_calls_per_wf", "processor calls / refund", 2),
         ("worker_cpu_s_per_wf", "worker CPU s / wf", 4),
         ("server_cpu_s_per_wf", "server CPU s / wf", 4),
         ("sandboxes_cpu_s_per_wf", "sandboxes CPU s / wf", 4),
         ("client_cpu_s_per_wf", "bench client CPU s / wf", 4),
-        ("own_cpu_s_per_wf", "stack CPU s / wf (sum)", 4),
+        ("stack_cpu_s_per_wf", "stack CPU s / wf (w+s+sbx)", 4),
+        ("own_cpu_s_per_wf", "with the bench client", 4),
         ("foreign_cpu_s_per_wf", "other processes CPU s / wf", 4),
         ("worker_peak_rss_mb", "worker peak RSS (MiB)", 0),
         ("sync_match_share", "polled tasks sync-matched", 2),

@@ -1,5 +1,6 @@
 """The bench's own embedded stack: a dev server, in-memory sandboxes, the stack's worker and
-the bench's baseline worker, on a fresh data dir and free ports; and its seeding."""
+the bench's worker (baselines and naive saga), on a fresh data dir and free ports; and its
+seeding."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
 from bench.baseline import sandboxed_queue
+from bench.naive import naive_queue
 from console import stack
 from console.seed import SeededPurchase, seed_purchase
 from refundsaga.contracts import RefundRequest
@@ -279,7 +281,7 @@ def bench_stack(
             start_new_session=True,
         )
         log.close()
-        queues = [BASELINE_QUEUE, sandboxed_queue(BASELINE_QUEUE)]
+        queues = [BASELINE_QUEUE, sandboxed_queue(BASELINE_QUEUE), naive_queue(BASELINE_QUEUE)]
 
         async def ready() -> None:
             client = await connect(settings)

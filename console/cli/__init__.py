@@ -52,6 +52,7 @@ _HELP_ORDER = (
     "failed",
     "schedules",
     "keys",
+    "webhooks",
 )
 
 

@@ -38,10 +38,12 @@ stack_app = typer.Typer(help="The embedded stack: Temporal dev server + UI, sand
 db_app = typer.Typer(help="The OASIS store's schema migrations.")
 schedules_app = typer.Typer(help="Temporal schedules RefundSaga relies on.")
 keys_app = typer.Typer(help="Signing keys for attributable approvals.")
+webhooks_app = typer.Typer(help="The receiver of the processor's webhooks (Stripe events).")
 app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
 app.add_typer(schedules_app, name="schedules")
 app.add_typer(keys_app, name="keys")
+app.add_typer(webhooks_app, name="webhooks")
 
 
 @app.command()
@@ -108,6 +110,19 @@ def worker() -> None:
         worker_module.main()
     except TemporalUnavailable as e:
         fail(str(e), ExitCode.ERROR)
+
+
+@webhooks_app.command("serve")
+def webhooks_serve() -> None:
+    """Receive the processor's events at POST /stripe/webhook (REFUND_WEBHOOKS_HOST/PORT),
+    verified with REFUND_PROCESSOR_WEBHOOK_SECRET, in the foreground.
+
+    Example: REFUND_PROCESSOR_WEBHOOK_SECRET=whsec_... refund webhooks serve
+    """
+    # Imported here: stripe and uvicorn, which only this command needs.
+    from console import webhooks
+
+    webhooks.main()
 
 
 def _progress(message: str) -> None:

@@ -79,17 +79,13 @@ def start(
 
     async def go() -> SagaStatus | str:
         client = await connect(settings)
-        handle = await ops.start_refund(client, settings, request)
         if not wait:
-            return handle.id
-        status = await ops.wait_for_state(
-            client,
-            handle.id,
-            {s for s in SagaState if s != SagaState.PREPARING},
-            timeout_s=60,
-        )
+            return (await ops.start_refund(client, settings, request)).id
+        status = await ops.start_refund_planned(client, settings, request)
+        if status is None:
+            return ops.workflow_id_for(request.purchase_id)  # started, still preparing
         if status.state == SagaState.FAILED:
-            raise ops.Refused(f"{handle.id} refused the request: {status.error}")
+            raise ops.Refused(f"{status.workflow_id} refused the request: {status.error}")
         return status
 
     result = run(go())
@@ -152,6 +148,13 @@ def list_(
     since: Annotated[
         str | None, typer.Option(help="Started since: ISO date/time, or 24h / 7d.")
     ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="support (started by a person), webhook or sweep (reconciliations of money "
+            "that went back outside OASIS)."
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
     as_json: JsonOpt = False,
 ) -> None:
@@ -161,6 +164,8 @@ def list_(
     """
     if waiting_for and waiting_for not in ("approval", "ams_confirmation", "ops", "none"):
         fail("--waiting-for must be approval, ams_confirmation, ops or none")
+    if source and source not in ("support", "webhook", "sweep"):
+        fail("--source must be support, webhook or sweep")
     started_since = _parse_since(since) if since else None
     query = ops.list_query(
         state=state,
@@ -168,6 +173,9 @@ def list_(
         requested_by=requested_by,
         purchase_id=purchase,
         since=started_since,
+        source=source,
+        # Ops tasks (refunds failed after completion) have states of their own.
+        with_tasks=state is None and source is None,
     )
     settings = load_settings()
 
@@ -187,6 +195,7 @@ def list_(
                 "purchase_id": attrs.get(sa.PURCHASE_ID),
                 "amount_cents": attrs.get(sa.REFUND_AMOUNT_CENTS),
                 "requested_by": attrs.get(sa.REQUESTED_BY),
+                "source": attrs.get(sa.REFUND_SOURCE) or sa.SOURCE_SUPPORT,
                 "started": e.start_time.isoformat(),
                 "temporal_status": e.status.name if e.status else None,
             }

@@ -38,6 +38,7 @@ from console.operations.sagas import (
     resolve,
     resolve_workflow_id,
     start_refund,
+    start_refund_planned,
     wait_for_state,
 )
 from console.operations.schedules import PURGE_EVERY, PURGE_SCHEDULE_ID, ensure_purge_schedule
@@ -76,6 +77,7 @@ __all__ = [
     "signing_key",
     "start_batch",
     "start_refund",
+    "start_refund_planned",
     "start_restore",
     "wait_batch",
     "wait_batch_planned",

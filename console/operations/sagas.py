@@ -4,17 +4,20 @@ resolve through its validating updates, and list sagas by their search attribute
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio.client import (
     Client,
+    WithStartWorkflowOperation,
     WorkflowExecution,
     WorkflowExecutionDescription,
     WorkflowHandle,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from console.operations.errors import OperationError, Refused
 from console.operations.executions import (
@@ -39,6 +42,10 @@ from refundsaga.ids import workflow_id_for
 from refundsaga.settings import Settings
 from workflows.refund_saga import RefundSaga
 
+# The saga's update that answers once its plan is made (or refused): `refund start` sends it
+# with the start, so the plan comes back in one call.
+PLANNED_UPDATE = "planned"
+
 SAGA = StatusSource(
     "refund saga",
     SagaStatus,
@@ -58,10 +65,10 @@ def resolve_workflow_id(ref: str) -> str:
     return ref
 
 
-async def start_refund(
-    client: Client, settings: Settings, request: RefundRequest
-) -> WorkflowHandle[RefundSaga, SagaStatus]:
-    """Start a saga for the purchase, refused when one is already running for it."""
+def _start_options(
+    settings: Settings, request: RefundRequest
+) -> tuple[RefundRequest, dict[str, Any]]:
+    """The signed request and how `refund start` starts its saga: one saga per purchase."""
     if request.batch_approval is not None:
         raise Refused("a batch approval is given by `refund batch`, not by a single start")
     workflow_id = workflow_id_for(request.purchase_id)
@@ -69,28 +76,66 @@ async def start_refund(
     amount = (
         "the unrefunded rest" if request.amount_cents is None else f"{request.amount_cents} cents"
     )
+    return request, {
+        "id": workflow_id,
+        "task_queue": settings.task_queue,
+        "id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        "id_conflict_policy": WorkflowIDConflictPolicy.FAIL,
+        "search_attributes": sa.at_start(request),
+        "static_summary": f"Refund purchase {request.purchase_id}: {amount}",
+        "static_details": (
+            f"Requested by **{request.requested_by}** for purchase "
+            f"**{request.purchase_id}**, amount: {amount}."
+        ),
+    }
+
+
+def _already_running(request: RefundRequest, workflow_id: str) -> Refused:
+    return Refused(
+        f"a refund saga for purchase {request.purchase_id} is already running: "
+        f"{workflow_id}; see `refund status {workflow_id}`"
+    )
+
+
+async def start_refund(
+    client: Client, settings: Settings, request: RefundRequest
+) -> WorkflowHandle[RefundSaga, SagaStatus]:
+    """Start a saga for the purchase, refused when one is already running for it."""
+    request, options = _start_options(settings, request)
     try:
-        return await client.start_workflow(
-            RefundSaga.run,
-            request,
-            id=workflow_id,
-            task_queue=settings.task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            search_attributes=sa.at_start(request),
-            static_summary=f"Refund purchase {request.purchase_id}: {amount}",
-            static_details=(
-                f"Requested by **{request.requested_by}** for purchase "
-                f"**{request.purchase_id}**, amount: {amount}."
-            ),
+        return await client.start_workflow(RefundSaga.run, request, **options)
+    except WorkflowAlreadyStartedError as err:
+        raise _already_running(request, options["id"]) from err
+    except RPCError as err:
+        raise OperationError(f"Temporal refused to start {options['id']}: {err.message}") from err
+
+
+async def start_refund_planned(
+    client: Client, settings: Settings, request: RefundRequest, *, timeout_s: float = 60
+) -> SagaStatus | None:
+    """Start a saga and get its plan back in the same call (update-with-start of `planned`).
+
+    Returns:
+        The saga's status once it has left its prepare step, or None when that took longer
+        than `timeout_s` (the saga is started and keeps preparing).
+    """
+    request, options = _start_options(settings, request)
+    start = WithStartWorkflowOperation(RefundSaga.run, request, **options)
+    try:
+        return await client.execute_update_with_start_workflow(
+            PLANNED_UPDATE,
+            start_workflow_operation=start,
+            result_type=SagaStatus,
+            rpc_timeout=timedelta(seconds=timeout_s),
         )
     except WorkflowAlreadyStartedError as err:
-        raise Refused(
-            f"a refund saga for purchase {request.purchase_id} is already running: "
-            f"{workflow_id}; see `refund status {workflow_id}`"
-        ) from err
+        raise _already_running(request, options["id"]) from err
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
+        return None
     except RPCError as err:
-        raise OperationError(f"Temporal refused to start {workflow_id}: {err.message}") from err
+        if err.status == RPCStatusCode.ALREADY_EXISTS:
+            raise _already_running(request, options["id"]) from err
+        raise OperationError(f"Temporal refused to start {options['id']}: {err.message}") from err
 
 
 async def describe(client: Client, workflow_id: str) -> WorkflowExecutionDescription:
@@ -164,9 +209,20 @@ def list_query(
     requested_by: str | None = None,
     purchase_id: int | None = None,
     since: datetime | None = None,
+    source: str | None = None,
+    with_tasks: bool = False,
 ) -> str:
-    """A Temporal list filter over the saga's search attributes."""
-    clauses = ['WorkflowType="RefundSaga"']
+    """A Temporal list filter over the saga's search attributes.
+
+    `source`: `support` (started by a person: no `RefundSource`), `webhook` or `sweep` (a
+    reconciliation started by a processor event or by the reconciliation sweep).
+    `with_tasks`: the ops tasks of refunds failed after completion too (FailedRefundTask).
+    """
+    clauses = [
+        'WorkflowType IN ("RefundSaga", "FailedRefundTask")'
+        if with_tasks
+        else 'WorkflowType="RefundSaga"'
+    ]
     if state:
         clauses.append(f"{sa.REFUND_STATE.name}={_quote(state.value)}")
     if waiting_for:
@@ -177,6 +233,10 @@ def list_query(
         clauses.append(f"{sa.PURCHASE_ID.name}={_quote(str(purchase_id))}")
     if since:
         clauses.append(f"StartTime>={_quote(since.isoformat())}")
+    if source == sa.SOURCE_SUPPORT:
+        clauses.append(f"{sa.REFUND_SOURCE.name} IS NULL")
+    elif source:
+        clauses.append(f"{sa.REFUND_SOURCE.name}={_quote(source)}")
     return " AND ".join(clauses)
 
 

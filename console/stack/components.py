@@ -3,8 +3,10 @@ command lines of the sandboxes and the worker, and the settings of a stack of on
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import socket
 import sys
 from dataclasses import asdict, dataclass
@@ -17,24 +19,27 @@ from pydantic import SecretStr
 from refundsaga.settings import Settings
 
 HOST = "127.0.0.1"
-COMPONENTS = ("temporal", "ui", "processor", "ams", "worker")
+COMPONENTS = ("temporal", "ui", "processor", "ams", "worker", "webhooks")
 """Every component `status()` reports, in start order (`ui` is served by the temporal process)."""
 
 ComponentState = Literal["running", "stopped", "starting", "unhealthy"]
 
 # The processes the stack owns, in start order; `down()` stops them in reverse.
-PROCESSES = ("temporal", "processor", "ams", "worker")
+PROCESSES = ("temporal", "processor", "ams", "worker", "webhooks")
 # Ports each process listens on: (component, settings field). The field names the env var.
 _PORTS: dict[str, tuple[tuple[str, str], ...]] = {
     "temporal": (("temporal", "temporal_port"), ("ui", "ui_port")),
     "processor": (("processor", "processor_port"),),
     "ams": (("ams", "ams_port"),),
     "worker": (),
+    "webhooks": (("webhooks", "webhooks_port"),),
 }
 # `python -c` leaves later arguments alone, so this tag only labels the worker's command line:
 # it shows which data dir a worker in `ps` belongs to and lets us tell our worker from a
 # recycled pid.
 _WORKER_TAG = "--refundsaga-stack="
+_WEBHOOKS_TAG = "--refundsaga-webhooks="
+WEBHOOK_SECRET_FILE = "processor-webhook-secret"
 
 
 class StackError(RuntimeError):
@@ -82,13 +87,14 @@ def private_settings(data_dir: Path, **overrides: Any) -> Settings:
 
     Every field set here is explicit, so `settings_env` hands all of it to a subprocess.
     """
-    temporal, ui, processor, ams = free_ports(4)
+    temporal, ui, processor, ams, webhooks = free_ports(5)
     fields: dict[str, Any] = {
         "data_dir": data_dir,
         "temporal_port": temporal,
         "ui_port": ui,
         "processor_port": processor,
         "ams_port": ams,
+        "webhooks_port": webhooks,
         "temporal_address": f"{HOST}:{temporal}",
         "temporal_ui_url": http_url(ui),
         "processor_url": http_url(processor),
@@ -151,6 +157,45 @@ def worker_env(settings: Settings) -> dict[str, str]:
     env["REFUND_PROCESSOR_API_KEY"] = settings.processor_api_key.get_secret_value()
     env["REFUND_AMS_API_KEY"] = settings.ams_api_key.get_secret_value()
     return env
+
+
+def webhook_secret(settings: Settings) -> SecretStr:
+    """The secret the processor sandbox signs its webhooks with and the receiver checks: the
+    configured one, else one made for this data dir and kept there (mode 600)."""
+    if settings.processor_webhook_secret is not None:
+        return settings.processor_webhook_secret
+    path = settings.data_dir.resolve() / WEBHOOK_SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secret)
+    return SecretStr(path.read_text().strip())
+
+
+def webhook_url(settings: Settings) -> str:
+    """Where the stack's processor sandbox delivers its events: the stack's receiver."""
+    return f"{http_url(settings.webhooks_port)}/stripe/webhook"
+
+
+def webhooks_env(settings: Settings) -> dict[str, str]:
+    """The receiver's environment: the worker's (Temporal, store) and the webhook secret."""
+    env = worker_env(settings)
+    env["REFUND_PROCESSOR_WEBHOOK_SECRET"] = webhook_secret(settings).get_secret_value()
+    env["REFUND_WEBHOOKS_HOST"] = HOST
+    env["REFUND_WEBHOOKS_PORT"] = str(settings.webhooks_port)
+    return env
+
+
+def webhooks_argv(data_dir: Path) -> list[str]:
+    """How the stack runs the webhook receiver, tagged with its data dir like the worker."""
+    return [
+        sys.executable,
+        "-c",
+        "import console.webhooks as w, refundsaga.temporal as t; t.run_and_exit(w.main)",
+        f"{_WEBHOOKS_TAG}{data_dir}",
+    ]
 
 
 def sandbox_argv(name: str, port: int, data_dir: Path) -> list[str]:
@@ -216,6 +261,7 @@ class Paths:
             "processor": ("sandboxes.processor", str(self.data_dir / "processor.json")),
             "ams": ("sandboxes.ams", str(self.data_dir / "ams.json")),
             "worker": (f"{_WORKER_TAG}{self.data_dir}",),
+            "webhooks": (f"{_WEBHOOKS_TAG}{self.data_dir}",),
         }[name]
 
 

@@ -22,6 +22,10 @@ from console.stack.components import (
     ports_of,
     sandbox_argv,
     temporal_address,
+    webhook_secret,
+    webhook_url,
+    webhooks_argv,
+    webhooks_env,
     worker_argv,
     worker_env,
 )
@@ -172,6 +176,7 @@ class _UpRun:
                 f"store migration failed ({type(err).__name__}: {err}); check REFUND_DATABASE_URL"
             ) from err
         self.start_worker(running["worker"])
+        self.start_webhooks(running["webhooks"])
 
     def start_temporal(self, pid: int | None, temporal_bin: str) -> None:
         settings = self.settings
@@ -204,6 +209,10 @@ class _UpRun:
             argv = sandbox_argv(name, port, self.paths.data_dir)
             # Through the environment, not --api-key: argv is visible to everyone in `ps`.
             env = {**os.environ, "SANDBOX_API_KEY": key.get_secret_value()}
+            if name == "processor":
+                # The processor sends its events to the stack's receiver, as Stripe would.
+                env["SANDBOX_WEBHOOK_URL"] = webhook_url(self.settings)
+                env["SANDBOX_WEBHOOK_SECRET"] = webhook_secret(self.settings).get_secret_value()
             pid = self.spawn(name, argv, env)
         else:
             self.on_progress(f"{name}: already running (pid {pid})")
@@ -238,6 +247,19 @@ class _UpRun:
         self.on_progress(f"worker: polling task queue {task_queue}")
         result = temporal.ensure_purge_schedule(timeout_s=self.remaining(cap=10))
         self.on_progress(f"schedules: purge of expired progress snapshots {result}")
+
+    def start_webhooks(self, pid: int | None) -> None:
+        if pid is None:
+            pid = self.spawn(
+                "webhooks", webhooks_argv(self.paths.data_dir), webhooks_env(self.settings)
+            )
+        else:
+            self.on_progress(f"webhooks: already running (pid {pid})")
+        health = f"{http_url(self.settings.webhooks_port)}/healthz"
+        self.wait_ready("webhooks", pid, lambda: processes.http_ok(health, timeout_s=1.0))
+        self.on_progress(
+            f"webhooks: receiving the processor's events at {webhook_url(self.settings)}"
+        )
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> int:
         processes.check_ports_free(
@@ -355,6 +377,15 @@ def _status(settings: Settings, temporal: TemporalAdmin) -> list[ComponentStatus
             ),
             pids["worker"],
             settings.task_queue,
+        ),
+        ComponentStatus(
+            "webhooks",
+            state(
+                pids["webhooks"],
+                lambda: processes.http_ok(f"{http_url(settings.webhooks_port)}/healthz", probe_s),
+            ),
+            pids["webhooks"],
+            webhook_url(settings),
         ),
     ]
 
