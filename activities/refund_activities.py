@@ -17,6 +17,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.reconciliation import prepare_reconciliation
 from refundsaga.access import decide_access
 from refundsaga.ams import AmsClient, AmsError
 from refundsaga.approval import required_approvals, start_refusal
@@ -41,7 +42,7 @@ from refundsaga.contracts import (
 )
 from refundsaga.models import AccessDecision, LedgerEntry, RecordRefundsResult, RevokeResult
 from refundsaga.notify import Notifier
-from refundsaga.planning import PlanRefusal, check_request, plan_refund
+from refundsaga.planning import PlanRefusal, check_request, plan_refund, refund_plan
 from refundsaga.processor import (
     ChargeNotFound,
     ProcessorCharge,
@@ -158,12 +159,22 @@ class RefundActivities:
     async def prepare_refund(self, inp: PrepareInput) -> RefundPlan:
         """Step 1: load the purchase, read the charge, validate the amount, plan every step."""
         req = inp.request
-        if req.batch_approval is None:
+        if req.batch_approval is None or req.reconcile is not None:
             # The saga has refused a batch approval not given by its parent batch; a batch's
-            # children are vouched for by the batch's approval, every other start by its signer.
+            # children are vouched for by the batch's approval, every other start by its signer
+            # (a reconciliation by the processor's evidence, checked below).
             refusal = start_refusal(self._policy, workflow_id=inp.workflow_id, request=req)
             if refusal:
                 raise _invalid(f"{refusal}; nothing changed")
+        if req.reconcile is not None:
+            with _translated():
+                reconciled = await prepare_reconciliation(
+                    store=self._store, processor=self._processor, policy=self._policy, request=req
+                )
+            if isinstance(reconciled, str):
+                raise _invalid(reconciled)
+            await self._claim(inp, reconciled.purchase_id)
+            return reconciled
         with _translated():
             checked = check_request(
                 req.purchase_id,
@@ -195,41 +206,32 @@ class RefundActivities:
         if isinstance(planned, PlanRefusal):
             raise _invalid(planned.message) from unknown
         assert charge is not None  # planned, so the processor knows the charge
-        request_id = inp.request_id
-        if request_id is not None:
-            with _translated():
-                await asyncio.to_thread(
-                    lambda: self._store.claim_purchase(
-                        purchase_id=purchase.purchase_id,
-                        request_id=request_id,
-                        workflow_id=inp.workflow_id,
-                        nonce=req.nonce if req.signature else None,
-                    )
-                )
-        return RefundPlan(
-            purchase_id=purchase.purchase_id,
-            user_id=purchase.user_id,
-            product_id=purchase.product_id,
-            product_code=purchase.product_code,
-            entitlement_source=purchase.entitlement_source,
-            ams_member_id=purchase.ams_member_id,
-            charge_id=purchase.processor_charge_id,
-            currency=purchase.currency,
-            purchase_amount_cents=purchase.amount_cents,
-            ledger_refunded_cents=purchase.refunded_cents,
-            processor_refunded_cents=charge.amount_refunded_cents,
-            amount_cents=planned.amount_cents,
-            full_refund=planned.full_refund,
-            already_refunded=planned.already_refunded,
-            revoke_progress=planned.revoke_progress,
-            progress_records=planned.progress_records,
-            remove_entitlement=planned.remove_entitlement,
-            ams_action=planned.ams_action,
-            required_approvals=required_approvals(
+        await self._claim(inp, purchase.purchase_id)
+        return refund_plan(
+            purchase,
+            charge,
+            planned,
+            required=required_approvals(
                 self._policy, planned.amount_cents, refunded_before_cents=purchase.refunded_cents
             ),
             policy=self._policy,
         )
+
+    async def _claim(self, inp: PrepareInput, purchase_id: int) -> None:
+        """Claim the purchase for the saga's request: one refund in flight per purchase."""
+        request_id = inp.request_id
+        if request_id is None:
+            return
+        req = inp.request
+        with _translated():
+            await asyncio.to_thread(
+                lambda: self._store.claim_purchase(
+                    purchase_id=purchase_id,
+                    request_id=request_id,
+                    workflow_id=inp.workflow_id,
+                    nonce=req.nonce if req.signature else None,
+                )
+            )
 
     @activity.defn
     async def refund_at_processor(self, inp: ProcessorRefundInput) -> ProcessorRefundResult:
@@ -281,12 +283,13 @@ class RefundActivities:
         return _outcome(refund)
 
     @activity.defn
-    async def await_refund_settled(self, inp: SettleInput) -> ProcessorRefundResult:
-        """Follow a pending refund: retried by Temporal (with backoff) until it settles."""
+    async def read_refund(self, inp: SettleInput) -> ProcessorRefundResult:
+        """Read a pending refund once (one GET): pending comes back as a result, not an error,
+        so the saga decides when to read again (a processor event, or its fallback timer)."""
         with _translated():
             refund = await self._processor.get_refund(inp.refund_id)
         if refund.status == "pending":
-            raise ApplicationError(f"refund {refund.id} is still pending", type="RefundPending")
+            return _result(refund)
         return _outcome(refund)
 
     @activity.defn
@@ -301,7 +304,8 @@ class RefundActivities:
 
     @activity.defn
     async def reconcile_external_refunds(self, inp: ReconcileInput) -> ReconcileResult:
-        """Step 4b: record the refunds the processor already holds as `external`."""
+        """Step 4b: record the refunds the processor already holds as `external`, and a
+        reconciled lost dispute as a `chargeback`."""
         with _translated():
             refunds = await self._processor.list_refunds(inp.charge_id)
             entries = [
@@ -317,6 +321,8 @@ class RefundActivities:
                 for r in refunds
                 if r.status in ("succeeded", "pending") and r.amount_cents > 0
             ]
+            if inp.chargeback is not None:
+                entries.append(inp.chargeback)
             result = await asyncio.to_thread(
                 lambda: self._store.record_refunds(
                     inp.purchase_id, entries, workflow_id=inp.workflow_id
@@ -439,7 +445,7 @@ class RefundActivities:
         return [
             self.prepare_refund,
             self.refund_at_processor,
-            self.await_refund_settled,
+            self.read_refund,
             self.reconcile_external_refunds,
         ]
 

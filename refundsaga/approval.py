@@ -14,6 +14,7 @@ from refundsaga.contracts import (
     Resolution,
     RestoreRequest,
 )
+from refundsaga.processor_events import PROCESSOR_REQUESTER
 from refundsaga.settings import Settings
 from refundsaga.signing import (
     SigningError,
@@ -78,13 +79,21 @@ def start_refusal(
 ) -> str | None:
     """Why a request may not start, or None. With signing on, the person it names (its
     requester, or a restore's operator) counts only when the request is signed by that
-    person's key for this workflow id."""
+    person's key for this workflow id.
+
+    A reconciliation is the processor's: its authority is the evidence the saga checks at the
+    processor before it plans, so it needs no signature; nobody else may name the processor.
+    """
+    if isinstance(request, RefundRequest) and request.reconcile is not None:
+        return _reconciliation_refusal(request)
     if isinstance(request, RestoreRequest):
         if policy.operators is not None and request.operator not in policy.operators:
             return f"{request.operator} is not on the operator allowlist (REFUND_OPERATORS)"
         who = request.operator
     else:
         who = request.requested_by
+    if who == PROCESSOR_REQUESTER:
+        return f"{who} is reserved for the reconciliations processor events start"
     if not signing_on(policy):
         return None
     return _signature_refusal(
@@ -95,6 +104,25 @@ def start_refusal(
         unsigned=f"the request is not signed: {who} signs with REFUND_SIGNING_KEY_FILE set",
         mismatch=f"the request's signature is not {who}'s for {workflow_id}",
     )
+
+
+def _reconciliation_refusal(request: RefundRequest) -> str | None:
+    reconciliation = request.reconcile
+    assert reconciliation is not None
+    if request.requested_by != PROCESSOR_REQUESTER:
+        return f"a reconciliation is requested by {PROCESSOR_REQUESTER}, not {request.requested_by}"
+    if request.batch_approval is not None:
+        return "a reconciliation carries no batch approval"
+    chosen = (request.amount_cents, request.revoke_progress, request.remove_entitlement)
+    if any(value is not None for value in chosen):
+        return (
+            "a reconciliation moves no money and revokes as the money returned says: "
+            "leave the amount, revoke and entitlement unset"
+        )
+    prefix = {"external_refund": "re_", "chargeback": "dp_"}[reconciliation.kind]
+    if not reconciliation.processor_object_id.startswith(prefix):
+        return f"a {reconciliation.kind} reconciliation names a {prefix} object"
+    return None
 
 
 def ops_refusal(

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from refundsaga.message import CURRENCY_PATTERN, MAX_STORE_INT, Message
 from refundsaga.models import AccessDecision, EntitlementSource, LedgerEntry
-from refundsaga.processor_events import Reconciliation
+from refundsaga.processor_events import Reconciliation, describe_reconciliation
 
 # User names of support staff, approvers and operators: short identifiers, not personal names.
 ACTOR_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -145,6 +145,16 @@ class ApprovalPolicy(Message):
 AmsAction = Literal["remove_via_api", "manual_task", "deactivate_purchase", "none"]
 
 
+class ReconcileEvidence(Message):
+    """A reconciliation as prepare confirmed it at the processor."""
+
+    reconciliation: Reconciliation
+    amount_cents: int = Field(description="What the refund or the lost dispute returned")
+    returned_cents: int = Field(
+        description="All the money back on the charge: succeeded refunds and lost disputes"
+    )
+
+
 class RefundPlan(Message):
     """Exactly what the saga will do, shown to approvers before anything changes."""
 
@@ -168,6 +178,8 @@ class RefundPlan(Message):
     ams_action: AmsAction
     required_approvals: int
     policy: ApprovalPolicy
+    # Set for a reconciliation: what the processor confirmed (no money moves).
+    reconcile: ReconcileEvidence | None = None
 
 
 def processor_task_queue(task_queue: str) -> str:
@@ -186,14 +198,19 @@ def format_money(cents: int, currency: str | None) -> str:
 
 def describe_plan(plan: RefundPlan) -> str:
     """The plan in one sentence, as approvers and the Temporal UI see it."""
-    money = (
-        "no money moves (the processor already refunded the charge)"
-        if plan.already_refunded
-        else (
+    if plan.reconcile is not None:
+        money = (
+            f"no money moves: {describe_reconciliation(plan.reconcile.reconciliation)}; "
+            f"{format_money(plan.reconcile.returned_cents, plan.currency)} of "
+            f"{format_money(plan.purchase_amount_cents, plan.currency)} went back"
+        )
+    elif plan.already_refunded:
+        money = "no money moves (the processor already refunded the charge)"
+    else:
+        money = (
             f"refund {format_money(plan.amount_cents, plan.currency)} of "
             f"{format_money(plan.purchase_amount_cents, plan.currency)}"
         )
-    )
     revoke = (
         f"delete {plan.progress_records} progress record(s)"
         if plan.revoke_progress
@@ -245,6 +262,8 @@ class ProcessorRefundResult(Message):
 
 
 class SettleInput(Message):
+    """A pending refund the saga follows: read once at the processor."""
+
     refund_id: str
 
 
@@ -260,6 +279,8 @@ class ReconcileInput(Message):
     charge_id: str
     # Refunds carrying this request identity are the saga's own, not external.
     request_id: str | None = None
+    # A reconciled lost dispute, recorded beside the charge's refunds.
+    chargeback: LedgerEntry | None = None
 
 
 class ReconcileResult(Message):
@@ -414,6 +435,11 @@ class RefundSummary(Message):
     source: Literal["processor", "external"] | None = None
     amount_cents: int = 0
     processor_refund_ids: list[str] = Field(default_factory=list)
+    # While the refund is pending at the processor: which one, and when the fallback timer
+    # reads it next unless a processor event comes first; how often the saga read it pending.
+    pending_refund_id: str | None = None
+    reads: int = 0
+    next_read_at: datetime | None = None
 
 
 class AmsSummary(Message):
@@ -441,6 +467,8 @@ class SagaStatus(Message):
     request_id: str | None = None
     currency: str | None = None
     requested_by: str
+    # Set for a reconciliation: money that went back outside OASIS, and who reported it.
+    reconcile: Reconciliation | None = None
     branch: Literal["refund", "already_refunded"] | None = None
     refund: RefundSummary = Field(default_factory=RefundSummary)
     progress_deleted: int | None = None

@@ -14,7 +14,9 @@ EntitlementSource = Literal["oasis", "ams", "ams_manual"]
 """Where a product's entitlement comes from: OASIS purchases, an AMS with an API, an AMS without."""
 
 PurchaseStatus = Literal["active", "partially_refunded", "refunded", "revoked"]
-LedgerSource = Literal["processor", "external"]
+LedgerSource = Literal["processor", "external", "chargeback"]
+"""Who returned the money: our refund, one made outside OASIS, or a lost dispute (its `dp_` id
+stands in the ledger's processor refund id)."""
 AccessReason = Literal["progress", "oasis_purchase", "ams_entitlement"]
 
 Currency = str

@@ -2,16 +2,26 @@
 
 The saga's prepare step and the batch planner both plan with `plan_refund`: the caller reads
 the purchase from the store and the charge from the processor, and gets a plan or a refusal.
+A reconciliation (money that went back outside OASIS) is planned with `plan_reconciliation`,
+once `evidence_refusal` found the processor's answer confirms it.
 No I/O, no clock, nothing of Temporal.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from typing import Literal
 
-from refundsaga.contracts import AmsAction
-from refundsaga.models import EntitlementSource, PurchaseSnapshot, Record
-from refundsaga.processor import ProcessorCharge
+from refundsaga.contracts import (
+    REFUND_REQUEST_METADATA,
+    AmsAction,
+    ApprovalPolicy,
+    ReconcileEvidence,
+    RefundPlan,
+)
+from refundsaga.models import EntitlementSource, LedgerEntry, PurchaseSnapshot, Record
+from refundsaga.processor import ProcessorCharge, ProcessorDispute, ProcessorRefund
+from refundsaga.processor_events import Reconciliation
 
 RefusalKind = Literal[
     "amount_not_positive",
@@ -156,17 +166,9 @@ def plan_refund(
     full = already or amount == rest
     revoke = full if revoke_progress is None else revoke_progress
     remove = full if remove_entitlement is None else remove_entitlement
-    ams_action: AmsAction = "none"
-    if remove:
-        ams_action = entitlement_action(purchase.entitlement_source)
-        if ams_action == "remove_via_api" and not purchase.ams_member_id:
-            return PlanRefusal(
-                kind="no_ams_member",
-                message=(
-                    f"user {purchase.user_id} has no AMS member id; the AMS entitlement "
-                    "cannot be removed"
-                ),
-            )
+    ams_action = _removal(purchase, remove)
+    if isinstance(ams_action, PlanRefusal):
+        return ams_action
     return PlannedRefund(
         amount_cents=0 if already else amount,
         full_refund=full,
@@ -174,5 +176,146 @@ def plan_refund(
         revoke_progress=revoke,
         progress_records=purchase.progress_count if revoke else 0,
         remove_entitlement=remove,
+        ams_action=ams_action,
+    )
+
+
+def refund_plan(
+    purchase: PurchaseSnapshot,
+    charge: ProcessorCharge,
+    planned: PlannedRefund,
+    *,
+    required: int,
+    policy: ApprovalPolicy,
+    reconcile: ReconcileEvidence | None = None,
+) -> RefundPlan:
+    """The plan the saga carries and approvers see: the planned refund with the purchase's
+    and the charge's facts, and the approvals it needs under `policy`."""
+    return RefundPlan(
+        purchase_id=purchase.purchase_id,
+        user_id=purchase.user_id,
+        product_id=purchase.product_id,
+        product_code=purchase.product_code,
+        entitlement_source=purchase.entitlement_source,
+        ams_member_id=purchase.ams_member_id,
+        charge_id=purchase.processor_charge_id,
+        currency=purchase.currency,
+        purchase_amount_cents=purchase.amount_cents,
+        ledger_refunded_cents=purchase.refunded_cents,
+        processor_refunded_cents=charge.amount_refunded_cents,
+        amount_cents=planned.amount_cents,
+        full_refund=planned.full_refund,
+        already_refunded=planned.already_refunded,
+        revoke_progress=planned.revoke_progress,
+        progress_records=planned.progress_records,
+        remove_entitlement=planned.remove_entitlement,
+        ams_action=planned.ams_action,
+        required_approvals=required,
+        policy=policy,
+        reconcile=reconcile,
+    )
+
+
+def _removal(purchase: PurchaseSnapshot, remove: bool) -> AmsAction | PlanRefusal:
+    """How the entitlement goes (if `remove`), or why it cannot."""
+    if not remove:
+        return "none"
+    ams_action = entitlement_action(purchase.entitlement_source)
+    if ams_action == "remove_via_api" and not purchase.ams_member_id:
+        return PlanRefusal(
+            kind="no_ams_member",
+            message=(
+                f"user {purchase.user_id} has no AMS member id; the AMS entitlement "
+                "cannot be removed"
+            ),
+        )
+    return ams_action
+
+
+# --- reconciliations: money that went back outside OASIS -----------------------------------
+
+
+def evidence_refusal(
+    reconciliation: Reconciliation,
+    *,
+    charge_ids: Collection[str],
+    refund: ProcessorRefund | None = None,
+    dispute: ProcessorDispute | None = None,
+) -> str | None:
+    """Why the processor's answer does not confirm a reconciliation, or None when it does.
+
+    Args:
+        reconciliation: What an event (or the sweep) reported.
+        charge_ids: The purchase's charge as the processor names it (`ch_`, and `pi_` when
+            the purchase holds a PaymentIntent).
+        refund: The processor's refund of that id (external_refund), None when it has none.
+        dispute: The processor's dispute of that id (chargeback), None when it has none.
+    """
+    named = reconciliation.processor_object_id
+    charge = "/".join(sorted(charge_ids))
+    why: str | None
+    if reconciliation.kind == "external_refund":
+        if refund is None or refund.id != named:
+            why = "it has no such refund"
+        elif refund.charge_id not in charge_ids:
+            why = f"the refund is of charge {refund.charge_id}, not the purchase's {charge}"
+        elif refund.status != "succeeded":
+            why = f"the refund is {refund.status}, not succeeded"
+        elif REFUND_REQUEST_METADATA in refund.metadata:
+            why = "the refund is OASIS's own (a refund saga made it)"
+        else:
+            why = None
+    else:
+        if dispute is None or dispute.id != named:
+            why = "it has no such dispute"
+        elif dispute.charge_id not in charge_ids:
+            why = f"the dispute is of charge {dispute.charge_id}, not the purchase's {charge}"
+        elif dispute.status != "lost":
+            why = f"the dispute is {dispute.status}, not lost"
+        else:
+            why = None
+    if why is None:
+        return None
+    return f"the processor does not confirm {named} ({why}); nothing changed"
+
+
+def money_returned(
+    refunds: Iterable[ProcessorRefund],
+    ledger: Iterable[LedgerEntry],
+    dispute: ProcessorDispute | None = None,
+) -> int:
+    """All the money back on a charge: its succeeded refunds at the processor, the lost
+    disputes the ledger holds, and `dispute` (a lost one being reconciled)."""
+    back = sum(r.amount_cents for r in refunds if r.status == "succeeded")
+    back += sum(e.amount_cents for e in ledger if e.source == "chargeback" and e.status != "failed")
+    return back + (dispute.amount_cents if dispute is not None else 0)
+
+
+def plan_reconciliation(
+    purchase_id: int, purchase: PurchaseSnapshot | None, *, returned_cents: int
+) -> PlannedRefund | PlanRefusal:
+    """Plan a reconciliation: no money moves; progress and entitlement go once the money back
+    covers what the purchase cost, and stay after a partial return.
+
+    Args:
+        purchase_id: The purchase the money went back for.
+        purchase: The purchase as the store holds it, or None when there is none.
+        returned_cents: All the money back on its charge (`money_returned`).
+    """
+    checked = check_request(purchase_id, purchase)
+    if isinstance(checked, PlanRefusal):
+        return checked
+    purchase = checked
+    full = returned_cents >= purchase.amount_cents
+    ams_action = _removal(purchase, full)
+    if isinstance(ams_action, PlanRefusal):
+        return ams_action
+    return PlannedRefund(
+        amount_cents=0,
+        full_refund=full,
+        already_refunded=True,
+        revoke_progress=full,
+        progress_records=purchase.progress_count if full else 0,
+        remove_entitlement=full,
         ams_action=ams_action,
     )

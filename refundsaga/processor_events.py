@@ -21,6 +21,9 @@ DISPUTE_ID_PATTERN = r"^dp_[A-Za-z0-9_]{1,200}$"
 EVENT_ID_PATTERN = r"^evt_[A-Za-z0-9_]{1,200}$"
 CHARGE_ID_PATTERN = r"^(ch|py)_[A-Za-z0-9_]{1,200}$"
 
+# The requester of every reconciliation, and of nothing else: a person's start may not use it.
+PROCESSOR_REQUESTER = "processor"
+
 EventSource = Literal["webhook", "sweep"]
 ReconcileKind = Literal["external_refund", "chargeback"]
 
@@ -40,6 +43,15 @@ class Reconciliation(Message):
     processor_object_id: str = Field(pattern=r"^(re|dp)_[A-Za-z0-9_]{1,200}$")
     source: EventSource
     event_id: str | None = Field(default=None, pattern=EVENT_ID_PATTERN)
+
+
+def describe_reconciliation(reconciliation: Reconciliation) -> str:
+    """The reconciliation in a few words, as approvers, ops and the Temporal UI see it."""
+    what = {"external_refund": "refund made outside OASIS", "chargeback": "lost chargeback"}
+    return (
+        f"reconciliation of a {what[reconciliation.kind]} ({reconciliation.processor_object_id}, "
+        f"reported by {reconciliation.source})"
+    )
 
 
 class FailedRefund(Message):

@@ -19,6 +19,7 @@ from refundsaga.processor_events import (
     CHARGE_ID_PATTERN,
     DISPUTE_ID_PATTERN,
     EVENT_ID_PATTERN,
+    PROCESSOR_REQUESTER,
     REFUND_ID_PATTERN,
     EventSource,
     FailedRefund,
@@ -41,7 +42,8 @@ CHARGE_REFUNDED = "charge.refunded"
 # The event types to enable on the processor's webhook endpoint.
 HANDLED_EVENTS = REFUND_EVENTS | {DISPUTE_LOST, DISPUTE_FUNDS_WITHDRAWN, CHARGE_REFUNDED}
 
-REQUESTED_BY_PROCESSOR = "processor"
+# The requester the saga accepts for a reconciliation, and for nothing else.
+REQUESTED_BY_PROCESSOR = PROCESSOR_REQUESTER
 
 _EVENT_ID = re.compile(EVENT_ID_PATTERN)
 _REFUND_ID = re.compile(REFUND_ID_PATTERN)

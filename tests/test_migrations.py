@@ -69,7 +69,7 @@ def test_up_down_up(store_url: str) -> None:
     assert current(store_url) is None
 
     upgrade(store_url)
-    assert current(store_url) == head() == "0004"
+    assert current(store_url) == head() == "0005"
     assert table_names(store_url) >= TABLES
 
     downgrade(store_url, "base")

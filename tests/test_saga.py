@@ -29,6 +29,7 @@ from refundsaga.contracts import (
     SagaStatus,
     WaitingFor,
 )
+from refundsaga.processor_events import PROCESSOR_EVENT_SIGNAL, ProcessorEvent
 from refundsaga.search_attributes import REFUND_AMOUNT_CENTS, REFUND_STATE, WAITING_FOR
 from tests.fixtures.temporal import SagaWorld, listed_states, patch_trail
 from workflows.refund_saga import RefundSaga
@@ -210,6 +211,15 @@ async def test_pending_refund_that_fails_needs_attention_and_abort_ends_failed(
     handle = await world.start(purchase)
     await world.wait_for(handle, SagaState.AWAITING_APPROVAL)
     await handle.execute_update(RefundSaga.decide, ApprovalDecision(approver="bob"))
+    refund_id = None
+    for _ in range(2000):
+        refund_id = (await world.status(handle)).refund.pending_refund_id
+        if refund_id:
+            break
+        await asyncio.sleep(0.025)
+    assert refund_id is not None
+    # The processor reports the change (a webhook): the saga reads the refund, now failed.
+    await handle.signal(PROCESSOR_EVENT_SIGNAL, ProcessorEvent(refund_id=refund_id))
     status = await world.wait_for(handle, SagaState.NEEDS_ATTENTION)
     assert status.waiting_for == WaitingFor.OPS
     assert status.error is not None and "RefundFailed" in status.error

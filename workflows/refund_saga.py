@@ -56,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         describe_plan,
     )
     from refundsaga.models import AccessDecision, LedgerEntry
+    from refundsaga.processor_events import describe_reconciliation
     from refundsaga.search_attributes import REFUND_STATE
 
 AMS_MODES: dict[str, Literal["api", "manual", "oasis"]] = {
@@ -85,6 +86,9 @@ class RefundSaga(Pivot, BatchChild):
         # which continue-as-new, retries and resets all keep; a new saga gets a new one.
         self._request_id = f"{info.workflow_id}/{info.first_execution_run_id}"
         self._refund_sent = False
+        self._refund_in_flight = False
+        self._early_events = []
+        self._refund_event = False
         self._attention_step = None
         self._status = SagaStatus(
             workflow_id=info.workflow_id,
@@ -94,6 +98,7 @@ class RefundSaga(Pivot, BatchChild):
             amount_cents=request.amount_cents,
             currency=request.currency,
             requested_by=request.requested_by,
+            reconcile=request.reconcile,
         )
         self._plan = None
         self._rejected_by = None
@@ -236,6 +241,9 @@ class RefundSaga(Pivot, BatchChild):
 
     async def _refund(self, plan: RefundPlan) -> None:
         self._set_state(SagaState.REFUNDING)
+        if plan.reconcile is not None:
+            await self._reconcile(plan, describe_reconciliation(plan.reconcile.reconciliation))
+            return
         if plan.already_refunded:
             await self._reconcile(plan, "the processor already holds the refund")
             return
@@ -271,7 +279,18 @@ class RefundSaga(Pivot, BatchChild):
         self._mark("record", "recorded in the OASIS ledger")
 
     async def _reconcile(self, plan: RefundPlan, why: str) -> None:
-        """Branch 4b: move no money; record what the processor already refunded as external."""
+        """Branch 4b: move no money; record what the processor already refunded as external,
+        and a reconciled lost dispute as a chargeback."""
+        evidence = plan.reconcile
+        chargeback = None
+        if evidence is not None and evidence.reconciliation.kind == "chargeback":
+            chargeback = LedgerEntry(
+                processor_refund_id=evidence.reconciliation.processor_object_id,
+                amount_cents=evidence.amount_cents,
+                currency=plan.currency,
+                source="chargeback",
+                status="succeeded",
+            )
         result = await self._attempt(
             "reconcile",
             lambda: workflow.execute_activity_method(
@@ -281,6 +300,7 @@ class RefundSaga(Pivot, BatchChild):
                     purchase_id=plan.purchase_id,
                     charge_id=plan.charge_id,
                     request_id=self._request_id,
+                    chargeback=chargeback,
                 ),
                 task_queue=self._processor_queue(),
                 start_to_close_timeout=HTTP_TIMEOUT,
@@ -291,9 +311,11 @@ class RefundSaga(Pivot, BatchChild):
         self._status.refund.source = "external"
         self._status.refund.amount_cents = sum(e.amount_cents for e in result.entries)
         self._status.refund.processor_refund_ids = [e.processor_refund_id for e in result.entries]
+        refunds = sum(1 for e in result.entries if e.source != "chargeback")
         self._mark(
             "refund",
-            f"no money moved ({why}); {len(result.entries)} external refund(s) recorded",
+            f"no money moved ({why}); {refunds} external refund(s) recorded"
+            + ("; the lost dispute recorded as a chargeback" if chargeback else ""),
         )
 
     # --- step 5: revoke progress ------------------------------------------------------------
@@ -444,6 +466,7 @@ class RefundSaga(Pivot, BatchChild):
                 "progress_deleted": self._status.progress_deleted,
                 "ams": self._status.ams.state,
                 "cancel_requested": self._cancel_requested,
+                **self._reconcile_detail(),
             },
             approvals=self._status.approvals,
             resolutions=self._status.resolutions,
@@ -464,6 +487,16 @@ class RefundSaga(Pivot, BatchChild):
             await self._batch_reports
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._status
+
+    def _reconcile_detail(self) -> dict[str, str]:
+        reconciliation = self._request.reconcile
+        if reconciliation is None:
+            return {}
+        return {
+            "reconcile_kind": reconciliation.kind,
+            "reconcile_object": reconciliation.processor_object_id,
+            "reconcile_source": reconciliation.source,
+        }
 
     # --- where the saga is ----------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         describe_plan,
         processor_task_queue,
     )
+    from refundsaga.processor_events import describe_reconciliation
     from refundsaga.search_attributes import (
         PURCHASE_ID,
         REFUND_AMOUNT_CENTS,
@@ -122,6 +123,11 @@ class SagaBase(ApprovalHandlers):
     _rejected_by: str | None
     # Set once the pivot has sent (or may have sent) the refund: any later call looks first.
     _refund_sent: bool
+    # The refund call is running; processor events meanwhile wait in _early_events.
+    _refund_in_flight: bool
+    _early_events: list[str]
+    # A processor event for the pending refund the saga follows came and is not read yet.
+    _refund_event: bool
     _attention_step: str | None
     _ams_confirmation: AmsConfirmation | None
     _resolution: Resolution | None
@@ -202,12 +208,24 @@ class SagaBase(ApprovalHandlers):
     def _details_markdown(self) -> str:
         s = self._status
         lines = [f"**State:** {s.state.value}"]
+        if s.reconcile:
+            lines.append(f"**Reconciliation:** {describe_reconciliation(s.reconcile)}")
         if s.waiting_for:
             lines.append(
                 f"**Waiting for:** {s.waiting_for.value} since {s.waiting_since:%Y-%m-%d %H:%M} UTC"
             )
         if s.plan:
             lines.append(f"**Plan:** {describe_plan(s.plan)}")
+        if s.refund.pending_refund_id:
+            lines.append(
+                f"**Pending refund:** {s.refund.pending_refund_id}, read {s.refund.reads} "
+                "time(s); read again on a processor event"
+                + (
+                    f" or at {s.refund.next_read_at:%Y-%m-%d %H:%M} UTC"
+                    if s.refund.next_read_at
+                    else ""
+                )
+            )
         if s.approvals:
             lines.append(
                 "**Decisions:** "

@@ -34,6 +34,17 @@ _LEDGER_AND_NAMED = select(Refund.__table__).where(
         Refund.processor_refund_id.in_(bindparam("refund_ids", expanding=True)),
     )
 )
+_PURCHASE_LEDGER = (
+    select(
+        Refund.processor_refund_id,
+        Refund.amount_cents,
+        Refund.currency,
+        Refund.source,
+        Refund.status,
+    )
+    .where(Refund.purchase_id == bindparam("purchase_id"))
+    .order_by(Refund.id)
+)
 _INSERT_REFUND = insert(Refund)
 # By the processor's refund id, unique in the ledger: also a row inserted in the same call.
 _SET_REFUND_STATUS = (
@@ -56,6 +67,12 @@ class Ledger:
 
     def __init__(self, transactions: Transactions) -> None:
         self._transactions = transactions
+
+    def ledger_entries(self, purchase_id: int) -> list[LedgerEntry]:
+        """The purchase's ledger rows, oldest first (none for an unknown purchase)."""
+        with self._transactions.engine.begin() as db:
+            rows = db.execute(_PURCHASE_LEDGER, {"purchase_id": purchase_id}).all()
+        return [LedgerEntry.model_validate(dict(row._mapping)) for row in rows]
 
     def record_refunds(
         self, purchase_id: int, entries: list[LedgerEntry], *, workflow_id: str | None

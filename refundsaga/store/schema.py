@@ -36,7 +36,8 @@ NAMING_CONVENTION: dict[str, str] = {
 
 ENTITLEMENT_SOURCES = ("oasis", "ams", "ams_manual")
 PURCHASE_STATUSES = ("active", "partially_refunded", "refunded", "revoked")
-LEDGER_SOURCES = ("processor", "external")
+# "chargeback": a lost dispute, by its dispute id (migration 0005).
+LEDGER_SOURCES = ("processor", "external", "chargeback")
 LEDGER_STATUSES = ("succeeded", "pending", "failed")
 PROCESSOR_EVENT_SOURCES = ("webhook", "sweep")
 

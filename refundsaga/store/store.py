@@ -137,6 +137,7 @@ class OasisStore:
     check_refund = _delegate("purchases", Purchases.check_refund)
 
     # -- ledger ----------------------------------------------------------------------------
+    ledger_entries = _delegate("ledger", Ledger.ledger_entries)
     record_refunds = _delegate("ledger", Ledger.record_refunds)
     complete_refund = _delegate("ledger", Ledger.complete_refund)
     end_entitlement = _delegate("ledger", Ledger.end_entitlement)
