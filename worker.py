@@ -29,6 +29,7 @@ from activities.batch_activities import BatchActivities
 from activities.failed_refund_activities import FailedRefundActivities
 from activities.refund_activities import RefundActivities
 from activities.run_scope import RunScopeInterceptor
+from activities.sweep_activities import SweepActivities
 from refundsaga.ams import HttpAmsClient
 from refundsaga.approval import policy_from_settings
 from refundsaga.contracts import processor_task_queue
@@ -42,6 +43,7 @@ from refundsaga.store.migrate import upgrade, wait_for_database
 from refundsaga.temporal import connect, run_and_exit
 from workflows.batch_refund import BatchRefund
 from workflows.failed_refund import FailedRefundTask
+from workflows.reconciliation_sweep import ReconciliationSweep
 from workflows.refund_saga import RefundSaga
 from workflows.restore_progress import PurgeExpiredSnapshots, RestoreProgress
 
@@ -103,6 +105,7 @@ WORKFLOWS: list[type] = [
     RestoreProgress,
     PurgeExpiredSnapshots,
     FailedRefundTask,
+    ReconciliationSweep,
 ]
 
 
@@ -124,12 +127,13 @@ def build_workers(
     rate = settings.processor_calls_per_s or None  # 0: no limit
     batch = BatchActivities.alongside(activities, settings)
     failed = FailedRefundActivities.alongside(activities, client)
+    sweep = SweepActivities.alongside(activities, client, settings, task_queue=queue)
     return [
         Worker(
             client,
             task_queue=queue,
             workflows=list(workflows),
-            activities=[*activities.others(), *batch.all(), *failed.others()],
+            activities=[*activities.others(), *batch.all(), *failed.others(), *sweep.others()],
             max_concurrent_activities=settings.max_concurrent_activities,
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
             max_cached_workflows=settings.max_cached_workflows,
@@ -142,7 +146,11 @@ def build_workers(
         Worker(
             client,
             task_queue=processor_task_queue(queue),
-            activities=[*activities.processor_calls(), *failed.processor_calls()],
+            activities=[
+                *activities.processor_calls(),
+                *failed.processor_calls(),
+                *sweep.processor_calls(),
+            ],
             max_concurrent_activities=settings.max_concurrent_activities,
             max_task_queue_activities_per_second=rate,
             activity_task_poller_behavior=poller_behavior(settings),

@@ -8,7 +8,7 @@ parsed from Stripe's JSON shapes, and failures become a small error taxonomy in 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Literal, ParamSpec, TypeVar
 
 import httpx
@@ -48,6 +48,8 @@ class ProcessorRefund(Record):
     metadata: dict[str, str] = Field(default_factory=dict)
     # Unix seconds; 0 when the answer did not say (older sandboxes' shapes).
     created: int = 0
+    # The PaymentIntent the charge belongs to, when the answer names one.
+    payment_intent_id: str | None = None
 
 
 class ProcessorDispute(Record):
@@ -60,6 +62,7 @@ class ProcessorDispute(Record):
     status: str
     reason: str | None = None
     created: int = 0
+    payment_intent_id: str | None = None
 
 
 class ProcessorPage(Record, Generic[_Item]):
@@ -324,10 +327,32 @@ class ProcessorClient(JsonApiClient):
             items=[_parse(_dispute, item) for item in page[0]], has_more=page[1]
         )
 
+    async def events_since(
+        self,
+        created_gte: int,
+        types: Sequence[str],
+        *,
+        starting_after: str | None = None,
+        limit: int = LIST_PAGE_SIZE,
+    ) -> ProcessorPage[dict[str, Any]]:
+        """One page of the account's events of `types` (at most 20) created at or after
+        `created_gte`, newest first, as the processor sent them (Stripe keeps 30 days)."""
+        # Indexed, as stripe-python sends arrays.
+        extra = {f"types[{n}]": event_type for n, event_type in enumerate(types)}
+        page = await self._page("/v1/events", created_gte, starting_after, limit, extra)
+        return ProcessorPage[dict[str, Any]](
+            items=[item for item in page[0] if isinstance(item, dict)], has_more=page[1]
+        )
+
     async def _page(
-        self, path: str, created_gte: int, starting_after: str | None, limit: int
+        self,
+        path: str,
+        created_gte: int,
+        starting_after: str | None,
+        limit: int,
+        extra: Mapping[str, str] | None = None,
     ) -> tuple[list[Any], bool]:
-        params = {"created[gte]": str(created_gte), "limit": str(limit)}
+        params = {"created[gte]": str(created_gte), "limit": str(limit), **(extra or {})}
         if starting_after:
             params["starting_after"] = starting_after
         body = await self._request("GET", path, params=params)
@@ -438,6 +463,7 @@ def _refund(obj: Mapping[str, Any], *, fallback_charge_id: str | None) -> Proces
         failure_reason=obj.get("failure_reason"),
         metadata={str(key): str(value) for key, value in metadata.items()},
         created=obj.get("created") or 0,
+        payment_intent_id=_id_of(obj.get("payment_intent")),
     )
 
 
@@ -453,7 +479,15 @@ def _dispute(obj: Mapping[str, Any]) -> ProcessorDispute:
         status=obj["status"],
         reason=obj.get("reason"),
         created=obj.get("created") or 0,
+        payment_intent_id=_id_of(obj.get("payment_intent")),
     )
+
+
+def _id_of(value: object) -> str | None:
+    """The id of a reference that may be expanded into its object."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
 
 
 def _parse(build: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:

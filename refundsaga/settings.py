@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     processor_webhook_tolerance_s: int = Field(default=300, ge=1, le=3600)
     webhooks_host: str = "127.0.0.1"
     webhooks_port: int = 8305
+    # The reconciliation sweep (schedule `refund-reconciliation-sweep`): how often it lists what
+    # the processor created since its last run, how far back it reads again for objects the
+    # processor shows late, and the page size of its lists (Stripe's `limit`, 1 to 100).
+    sweep_every: timedelta = Field(default=timedelta(minutes=10), gt=timedelta(0))
+    sweep_overlap: timedelta = Field(default=timedelta(minutes=5), ge=timedelta(0))
+    sweep_page_size: int = Field(default=100, ge=1, le=100)
 
     # AMS entitlement API
     ams_url: str = "http://127.0.0.1:8302"
@@ -159,6 +165,8 @@ class Settings(BaseSettings):
         "ams_reminder_every",
         "ams_escalate_after",
         "restore_retention",
+        "sweep_every",
+        "sweep_overlap",
         mode="before",
     )
     @classmethod

@@ -400,8 +400,12 @@ def test_cli_restores_a_mistaken_revoke_within_the_window_and_refuses_after(
     assert "expired" in expired.stderr and "Traceback" not in expired.stderr
 
     ensured = refund_json(live_stack, "schedules", "ensure")
-    assert ensured["outcome"] == "updated"  # `refund stack up` created it
-    assert refund_json(live_stack, "schedules", "ensure")["outcome"] == "updated"
+    # `refund stack up` created them.
+    assert [s["outcome"] for s in ensured["schedules"]] == ["updated", "updated"]
+    assert {s["schedule_id"] for s in ensured["schedules"]} == {
+        "refund-purge-expired-snapshots",
+        "refund-reconciliation-sweep",
+    }
 
 
 async def test_malformed_signals_are_ignored_and_the_restore_still_decides(

@@ -127,6 +127,7 @@ def test_up_status_down(stack_settings: Settings, monkeypatch: pytest.MonkeyPatc
     assert all(s.state == "running" and s.pid for s in statuses), statuses
     assert up_s < 30, progress
     assert any("registered missing search attributes" in line for line in progress), progress
+    assert "schedules: reconciliation sweep of the processor created" in progress, progress
     assert _custom_search_attributes(f"127.0.0.1:{settings.temporal_port}") >= {
         key.name for key in search_attributes.ALL
     }

@@ -267,20 +267,57 @@ def keys_webhook_secret(as_json: JsonOpt = False) -> None:
 
 @schedules_app.command("ensure")
 def schedules_ensure(as_json: JsonOpt = False) -> None:
-    """Create or update the daily purge of progress snapshots past the restore retention.
+    """Create or update the schedules: the snapshot purge and the reconciliation sweep.
+
+    The purge deletes progress snapshots past the restore retention, every day; the sweep
+    reconciles what the processor reported that no webhook brought, every REFUND_SWEEP_EVERY.
 
     Example: refund schedules ensure
     """
     settings = load_settings()
 
-    async def go() -> str:
-        return await ops.ensure_purge_schedule(await connect(settings), settings)
+    async def go() -> tuple[str, str]:
+        client = await connect(settings)
+        purge = await ops.ensure_purge_schedule(client, settings)
+        return purge, await ops.ensure_sweep_schedule(client, settings)
 
-    outcome = run(go())
+    purge, sweep = run(go())
     if as_json:
-        emit_json({"schedule_id": ops.PURGE_SCHEDULE_ID, "outcome": outcome})
+        emit_json(
+            {
+                "schedules": [
+                    {"schedule_id": ops.PURGE_SCHEDULE_ID, "outcome": purge},
+                    {"schedule_id": ops.SWEEP_SCHEDULE_ID, "outcome": sweep},
+                ]
+            }
+        )
     else:
         out.print(
-            f"schedule {ops.PURGE_SCHEDULE_ID} {outcome}: purges snapshots older than "
+            f"schedule {ops.PURGE_SCHEDULE_ID} {purge}: purges snapshots older than "
             f"{settings.restore_retention} every day"
+        )
+        out.print(
+            f"schedule {ops.SWEEP_SCHEDULE_ID} {sweep}: reconciles what the processor "
+            f"reported that no webhook brought, every {settings.sweep_every}"
+        )
+
+
+@schedules_app.command("sweep-now")
+def schedules_sweep_now(as_json: JsonOpt = False) -> None:
+    """Run the reconciliation sweep once now (skipped while one is running).
+
+    Example: refund schedules sweep-now
+    """
+    settings = load_settings()
+
+    async def go() -> None:
+        await ops.trigger_sweep(await connect(settings))
+
+    run(go())
+    if as_json:
+        emit_json({"schedule_id": ops.SWEEP_SCHEDULE_ID, "outcome": "triggered"})
+    else:
+        out.print(
+            f"schedule {ops.SWEEP_SCHEDULE_ID} triggered: see its runs in the Temporal UI "
+            f"(workflow type ReconciliationSweep)"
         )

@@ -41,7 +41,14 @@ from console.operations.sagas import (
     start_refund_planned,
     wait_for_state,
 )
-from console.operations.schedules import PURGE_EVERY, PURGE_SCHEDULE_ID, ensure_purge_schedule
+from console.operations.schedules import (
+    PURGE_EVERY,
+    PURGE_SCHEDULE_ID,
+    SWEEP_SCHEDULE_ID,
+    ensure_purge_schedule,
+    ensure_sweep_schedule,
+    trigger_sweep,
+)
 from console.operations.signatures import signing_key
 from refundsaga.ids import batch_id_for, restore_id_for, workflow_id_for
 
@@ -50,6 +57,7 @@ __all__ = [
     "PURGE_EVERY",
     "PURGE_SCHEDULE_ID",
     "RESTORE_ENDS",
+    "SWEEP_SCHEDULE_ID",
     "BulkDecision",
     "OperationError",
     "Refused",
@@ -63,6 +71,7 @@ __all__ = [
     "describe",
     "dry_run_batch",
     "ensure_purge_schedule",
+    "ensure_sweep_schedule",
     "get_status",
     "is_awaiting_approval",
     "list_batches",
@@ -79,6 +88,7 @@ __all__ = [
     "start_refund",
     "start_refund_planned",
     "start_restore",
+    "trigger_sweep",
     "wait_batch",
     "wait_batch_planned",
     "wait_for_state",

@@ -1,7 +1,7 @@
 """The Temporal dev server of the stack: its one command line (ports, database, namespace,
 search attributes, SQLite pragmas, dynamic config), and a synchronous admin client that checks
-it is serving, registers missing search attributes, ensures the purge schedule and lists the
-pollers of a task queue."""
+it is serving, registers missing search attributes, ensures the schedules (the purge, the
+reconciliation sweep) and lists the pollers of a task queue."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 import functools
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -245,18 +245,31 @@ class TemporalAdmin:
         # Imported here: the operations load the workflows, which a stack that is only
         # checked or stopped never needs.
         from console.operations import ensure_purge_schedule
+
+        return self._ensure_schedule(ensure_purge_schedule, timeout_s)
+
+    def ensure_sweep_schedule(self, timeout_s: float) -> str:
+        """The reconciliation sweep (see operations.ensure_sweep_schedule); reported as
+        `ensure_purge_schedule` is."""
+        from console.operations import ensure_sweep_schedule
+
+        return self._ensure_schedule(ensure_sweep_schedule, timeout_s)
+
+    def _ensure_schedule(
+        self, ensure: Callable[[Client, Settings], Awaitable[str]], timeout_s: float
+    ) -> str:
         from refundsaga.temporal import payload_data_converter
 
-        async def ensure() -> str:
+        async def connected() -> str:
             client = await Client.connect(
                 self.address,
                 namespace=self.settings.temporal_namespace,
                 data_converter=payload_data_converter,
             )
-            return await ensure_purge_schedule(client, self.settings)
+            return await ensure(client, self.settings)
 
         try:
-            return self._call(ensure, timeout_s)
+            return self._call(connected, timeout_s)
         except Exception as err:
             return f"not ensured ({type(err).__name__}: {err}); run `refund schedules ensure`"
 

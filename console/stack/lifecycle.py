@@ -247,6 +247,8 @@ class _UpRun:
         self.on_progress(f"worker: polling task queue {task_queue}")
         result = temporal.ensure_purge_schedule(timeout_s=self.remaining(cap=10))
         self.on_progress(f"schedules: purge of expired progress snapshots {result}")
+        result = temporal.ensure_sweep_schedule(timeout_s=self.remaining(cap=10))
+        self.on_progress(f"schedules: reconciliation sweep of the processor {result}")
 
     def start_webhooks(self, pid: int | None) -> None:
         if pid is None:
