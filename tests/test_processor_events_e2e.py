@@ -4,6 +4,8 @@ CLI and the sandbox's API as the processor's dashboard would be."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -117,6 +119,33 @@ def test_a_refund_made_outside_oasis_is_reconciled_after_one_approval(
     assert ledger_cents(live_stack, pid) == processor_charge["amount_refunded"]
     # The dashboard's refund is the only one: the reconciliation moved no money.
     assert [r["id"] for r in refunds_of(processor, p["charge_id"])] == [outside]
+
+
+def test_with_the_receiver_stopped_the_sweep_finds_it(
+    live_stack: LiveStack, processor: httpx.Client
+) -> None:
+    (receiver,) = [s for s in stack.status(live_stack.settings) if s.name == "webhooks"]
+    assert receiver.pid is not None
+    os.kill(receiver.pid, signal.SIGTERM)
+    until(
+        lambda: not [s for s in stack.status(live_stack.settings) if s.name == "webhooks" and s.pid]
+    )
+    try:
+        p = seed(live_stack, "standard")
+        outside_refund(processor, p["charge_id"])
+        time.sleep(1)
+        assert sagas_of(live_stack, p["purchase_id"]) == []  # nobody heard of it
+        # What the schedule does every REFUND_SWEEP_EVERY, now.
+        swept = refund(live_stack, "schedules", "sweep-now")
+        assert swept.returncode == 0, swept.stderr
+        (saga,) = until(lambda: sagas_of(live_stack, p["purchase_id"], "--source", "sweep"))
+        until(lambda: status(live_stack, saga["workflow_id"])["state"] == "AWAITING_APPROVAL")
+        approved = refund(live_stack, "approve", saga["workflow_id"], "--as", "bob")
+        assert approved.returncode == 0, approved.stderr
+        until(lambda: status(live_stack, saga["workflow_id"])["state"] == "COMPLETED")
+        assert not has_access(live_stack, p)
+    finally:
+        stack.up(live_stack.settings)
 
 
 def test_duplicated_and_reordered_deliveries_start_one_saga(
