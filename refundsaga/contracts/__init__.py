@@ -38,6 +38,7 @@ from refundsaga.contracts.common import (
     SagaState,
     WaitingFor,
     clean_free_text,
+    clean_reason,
 )
 from refundsaga.contracts.decisions import (
     AmsConfirmation,
@@ -170,6 +171,7 @@ __all__ = [
     "WaitingFor",
     "batch_bucket",
     "clean_free_text",
+    "clean_reason",
     "describe_plan",
     "format_money",
     "processor_task_queue",

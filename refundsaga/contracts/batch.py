@@ -15,7 +15,7 @@ from refundsaga.contracts.common import (
     ApprovalRecord,
     SagaState,
     WaitingFor,
-    clean_free_text,
+    clean_reason,
 )
 from refundsaga.contracts.decisions import IgnoredMessage, TimelineEntry
 from refundsaga.contracts.saga import AmsAction
@@ -233,10 +233,7 @@ class BatchRefundInput(Message):
     @field_validator("reason")
     @classmethod
     def _reason(cls, value: str) -> str:
-        value = clean_free_text(value, field="reason")
-        if not value:
-            raise ValueError("reason must not be blank")
-        return value
+        return clean_reason(value)
 
     @field_validator("purchase_ids")
     @classmethod

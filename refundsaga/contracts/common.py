@@ -50,6 +50,14 @@ def clean_free_text(value: str, *, field: str) -> str:
     return value
 
 
+def clean_reason(value: str) -> str:
+    """`clean_free_text` for a request's reason, which must not be blank either."""
+    value = clean_free_text(value, field="reason")
+    if not value:
+        raise ValueError("reason must not be blank")
+    return value
+
+
 class SagaState(StrEnum):
     """Where a saga is. The last five are ends; NEEDS_ATTENTION waits for ops."""
 

@@ -14,7 +14,7 @@ from refundsaga.contracts.common import (
     ApprovalPolicy,
     ApprovalRecord,
     WaitingFor,
-    clean_free_text,
+    clean_reason,
 )
 from refundsaga.contracts.decisions import IgnoredMessage, TimelineEntry
 from refundsaga.message import Message
@@ -47,10 +47,7 @@ class RestoreRequest(Message):
     @field_validator("reason")
     @classmethod
     def _reason(cls, value: str) -> str:
-        value = clean_free_text(value, field="reason")
-        if not value:
-            raise ValueError("reason must not be blank")
-        return value
+        return clean_reason(value)
 
 
 class RestoreCheck(Message):

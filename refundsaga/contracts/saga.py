@@ -12,7 +12,7 @@ from refundsaga.contracts.common import (
     ApprovalPolicy,
     BatchApproval,
     SagaState,
-    clean_free_text,
+    clean_reason,
 )
 from refundsaga.message import CURRENCY_PATTERN, MAX_STORE_INT, Message
 from refundsaga.models import EntitlementSource, LedgerEntry
@@ -44,10 +44,7 @@ class RefundRequest(Message):
     @field_validator("reason")
     @classmethod
     def _reason(cls, value: str) -> str:
-        value = clean_free_text(value, field="reason")
-        if not value:
-            raise ValueError("reason must not be blank")
-        return value
+        return clean_reason(value)
 
 
 AmsAction = Literal["remove_via_api", "manual_task", "deactivate_purchase", "none"]
