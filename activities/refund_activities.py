@@ -1,25 +1,35 @@
-"""The RefundSaga's activities: each a thin adapter over one domain client.
+"""The RefundSaga's activities: each a thin adapter over one domain client, safe to run twice.
 
-Activities translate domain outcomes into Temporal terms: business failures become
-non-retryable `ApplicationError`s whose `type` the workflow branches on; transient failures
-are raised as retryable errors so Temporal retries them with backoff. Every activity is safe
-to run twice.
+They translate domain outcomes into Temporal terms (`activities.errors`): business failures
+become non-retryable `ApplicationError`s whose `type` the workflow branches on; transient
+failures stay retryable so Temporal retries them with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import timedelta
+from collections.abc import Callable
 from typing import Any
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
+from activities.errors import (
+    INVALID_REQUEST,
+    PURCHASE_CLAIMED,
+    REFUND_FAILED,
+    REFUND_REFUSED,
+    REFUND_REQUIRES_ACTION,
+    REQUEST_REPLAYED,
+    REQUEST_SPENT,
+    invalid,
+    outcome,
+    refund_result,
+    request_spent,
+    translated,
+)
 from activities.reconciliation import prepare_reconciliation
 from refundsaga.access import decide_access
-from refundsaga.ams import AmsClient, AmsError
+from refundsaga.ams import AmsClient
 from refundsaga.approval import required_approvals, start_refusal
 from refundsaga.contracts import (
     REFUND_REQUEST_METADATA,
@@ -47,94 +57,26 @@ from refundsaga.processor import (
     ChargeNotFound,
     ProcessorCharge,
     ProcessorClient,
-    ProcessorError,
-    ProcessorRefund,
     ProcessorRequestSpent,
 )
-from refundsaga.store import (
-    OasisStore,
-    PurchaseClaimed,
-    PurchaseNotFound,
-    RefundRefused,
-    RequestReplayed,
-    StoreError,
-)
+from refundsaga.store import OasisStore
 
-INVALID_REQUEST = "InvalidRefundRequest"
-# ApplicationError types of the pivot that the saga branches on.
-REFUND_FAILED = "RefundFailed"
-REFUND_REQUIRES_ACTION = "RefundRequiresAction"
-REQUEST_SPENT = "ProcessorRequestSpent"
-# The store's refusals, by their error names (see _translated).
-PURCHASE_CLAIMED = PurchaseClaimed.__name__
-REQUEST_REPLAYED = RequestReplayed.__name__
-REFUND_REFUSED = RefundRefused.__name__
+# The error types the workflows branch on stay importable from here, beside the activities.
+__all__ = [
+    "INVALID_REQUEST",
+    "LIVE_STATUSES",
+    "PURCHASE_CLAIMED",
+    "REFUND_FAILED",
+    "REFUND_REFUSED",
+    "REFUND_REQUIRES_ACTION",
+    "REQUEST_REPLAYED",
+    "REQUEST_SPENT",
+    "RefundActivities",
+]
+
 # Refund statuses that hold (or may still move) the money: a refund of ours in one of them is
 # adopted instead of sending another. Failed and canceled refunds moved nothing.
 LIVE_STATUSES = frozenset({"succeeded", "pending", "requires_action"})
-
-
-def _invalid(message: str) -> ApplicationError:
-    return ApplicationError(message, type=INVALID_REQUEST, non_retryable=True)
-
-
-@contextmanager
-def _translated() -> Iterator[None]:
-    """Domain errors in, Temporal errors out: the type names the domain error."""
-    try:
-        yield
-    except (ProcessorError, AmsError) as err:
-        # A 429's Retry-After paces the next attempt instead of the activity's backoff.
-        after = getattr(err, "retry_after_s", None)
-        raise ApplicationError(
-            err.message,
-            type=type(err).__name__,
-            non_retryable=not err.retryable,
-            next_retry_delay=timedelta(seconds=after) if after and err.retryable else None,
-        ) from err
-    except (PurchaseNotFound, PurchaseClaimed, RefundRefused, RequestReplayed) as err:
-        raise ApplicationError(str(err), type=type(err).__name__, non_retryable=True) from err
-    except StoreError as err:
-        # Store errors are refusals of inconsistent data, not outages: a person must look.
-        raise ApplicationError(str(err), type="StoreRefused", non_retryable=True) from err
-
-
-def _spent(why: str) -> ApplicationError:
-    return ApplicationError(
-        f"the processor will answer this request the same way until its key expires: {why}",
-        type=REQUEST_SPENT,
-        non_retryable=True,
-    )
-
-
-def _outcome(refund: ProcessorRefund) -> ProcessorRefundResult:
-    """A succeeded or pending refund; any status that moved no money is a non-retryable error."""
-    if refund.status == "requires_action":
-        raise ApplicationError(
-            f"refund {refund.id} requires action at the processor before any money moves; "
-            "retry once it has settled there, or abort",
-            type=REFUND_REQUIRES_ACTION,
-            non_retryable=True,
-        )
-    if refund.status in ("failed", "canceled"):
-        raise ApplicationError(
-            f"refund {refund.id} {refund.status}"
-            + (f" ({refund.failure_reason})" if refund.failure_reason else "")
-            + ": no money moved; retry sends a new refund, abort ends the saga",
-            type=REFUND_FAILED,
-            non_retryable=True,
-        )
-    return _result(refund)
-
-
-def _result(refund: ProcessorRefund) -> ProcessorRefundResult:
-    return ProcessorRefundResult(
-        refund_id=refund.id,
-        status=refund.status,
-        amount_cents=refund.amount_cents,
-        currency=refund.currency,
-        failure_reason=refund.failure_reason,
-    )
 
 
 class RefundActivities:
@@ -165,17 +107,17 @@ class RefundActivities:
             # (a reconciliation by the processor's evidence, checked below).
             refusal = start_refusal(self._policy, workflow_id=inp.workflow_id, request=req)
             if refusal:
-                raise _invalid(f"{refusal}; nothing changed")
+                raise invalid(f"{refusal}; nothing changed")
         if req.reconcile is not None:
-            with _translated():
+            with translated():
                 reconciled = await prepare_reconciliation(
                     store=self._store, processor=self._processor, policy=self._policy, request=req
                 )
             if isinstance(reconciled, str):
-                raise _invalid(reconciled)
+                raise invalid(reconciled)
             await self._claim(inp, reconciled.purchase_id)
             return reconciled
-        with _translated():
+        with translated():
             checked = check_request(
                 req.purchase_id,
                 await asyncio.to_thread(self._store.load_purchase, req.purchase_id),
@@ -184,7 +126,7 @@ class RefundActivities:
             )
             # Refused on the store's facts alone: no processor read.
             if isinstance(checked, PlanRefusal):
-                raise _invalid(checked.message)
+                raise invalid(checked.message)
             purchase = checked
             charge: ProcessorCharge | None = None
             # The processor's answer, as the cause of the refusal of an unknown charge.
@@ -204,7 +146,7 @@ class RefundActivities:
             refunded_everywhere="plan",
         )
         if isinstance(planned, PlanRefusal):
-            raise _invalid(planned.message) from unknown
+            raise invalid(planned.message) from unknown
         assert charge is not None  # planned, so the processor knows the charge
         await self._claim(inp, purchase.purchase_id)
         return refund_plan(
@@ -223,7 +165,7 @@ class RefundActivities:
         if request_id is None:
             return
         req = inp.request
-        with _translated():
+        with translated():
             await asyncio.to_thread(
                 lambda: self._store.claim_purchase(
                     purchase_id=purchase_id,
@@ -243,7 +185,7 @@ class RefundActivities:
         store must agree: the request holds the purchase's claim and the ledger has the amount.
         """
         spent: set[str] = set()
-        with _translated():
+        with translated():
             resend = activity.in_activity() and activity.info().attempt > 1
             if inp.look_first or resend:
                 ours = [
@@ -254,7 +196,7 @@ class RefundActivities:
                 live = [r for r in ours if r.status in LIVE_STATUSES]
                 if live:
                     activity.logger.info("adopting refund %s of this request", live[0].id)
-                    return _outcome(live[0])
+                    return outcome(live[0])
                 spent = {r.id for r in ours}
             await asyncio.to_thread(
                 lambda: self._store.check_refund(
@@ -276,26 +218,28 @@ class RefundActivities:
                     reason="requested_by_customer",
                 )
             except ProcessorRequestSpent as err:
-                raise _spent(f"{err.message} (HTTP {err.http_status})") from err
+                raise request_spent(f"{err.message} (HTTP {err.http_status})") from err
         if refund.id in spent:
             # The processor replayed its saved answer for a refund that has since failed.
-            raise _spent(f"the key's saved answer is refund {refund.id}, now {refund.status}")
-        return _outcome(refund)
+            raise request_spent(
+                f"the key's saved answer is refund {refund.id}, now {refund.status}"
+            )
+        return outcome(refund)
 
     @activity.defn
     async def read_refund(self, inp: SettleInput) -> ProcessorRefundResult:
         """Read a pending refund once (one GET): pending comes back as a result, not an error,
         so the saga decides when to read again (a processor event, or its fallback timer)."""
-        with _translated():
+        with translated():
             refund = await self._processor.get_refund(inp.refund_id)
         if refund.status == "pending":
-            return _result(refund)
-        return _outcome(refund)
+            return refund_result(refund)
+        return outcome(refund)
 
     @activity.defn
     async def record_refunds(self, inp: RecordRefundsInput) -> RecordRefundsResult:
         """Step 4: write the refund into the OASIS ledger (unique by processor refund id)."""
-        with _translated():
+        with translated():
             return await asyncio.to_thread(
                 lambda: self._store.record_refunds(
                     inp.purchase_id, inp.entries, workflow_id=inp.workflow_id
@@ -306,7 +250,7 @@ class RefundActivities:
     async def reconcile_external_refunds(self, inp: ReconcileInput) -> ReconcileResult:
         """Step 4b: record the refunds the processor already holds as `external`, and a
         reconciled lost dispute as a `chargeback`."""
-        with _translated():
+        with translated():
             refunds = await self._processor.list_refunds(inp.charge_id)
             entries = [
                 LedgerEntry(
@@ -333,7 +277,7 @@ class RefundActivities:
     @activity.defn
     async def revoke_progress(self, inp: RevokeInput) -> RevokeResult:
         """Step 5: archive the user's progress, then delete it, in one transaction."""
-        with _translated():
+        with translated():
             return await asyncio.to_thread(
                 lambda: self._store.revoke_progress(
                     purchase_id=inp.purchase_id,
@@ -346,7 +290,7 @@ class RefundActivities:
     @activity.defn
     async def remove_ams_entitlement(self, inp: AmsRemovalInput) -> AmsRemovalResult:
         """Step 6 (api): remove the entitlement in the AMS; already gone counts as done."""
-        with _translated():
+        with translated():
             removal = await self._ams.remove_entitlement(
                 inp.member_id, inp.product_code, idempotency_key=inp.idempotency_key
             )
@@ -355,7 +299,7 @@ class RefundActivities:
     @activity.defn
     async def deactivate_purchase(self, inp: DeactivateInput) -> None:
         """Step 6 (oasis products): end the entitlement the OASIS purchase grants."""
-        with _translated():
+        with translated():
             await asyncio.to_thread(
                 lambda: self._store.end_entitlement(
                     purchase_id=inp.purchase_id, workflow_id=inp.workflow_id
@@ -365,7 +309,7 @@ class RefundActivities:
     @activity.defn
     async def verify_access(self, inp: VerifyInput) -> AccessDecision:
         """Step 7: evaluate the OASIS access rule for the user and product."""
-        with _translated():
+        with translated():
             facts = await asyncio.to_thread(self._store.access_facts, inp.user_id, inp.product_id)
             ams_entitled: bool | None = None
             if inp.entitlement_source == "ams":
@@ -402,7 +346,7 @@ class RefundActivities:
             )
             for r in inp.resolutions
         ]
-        with _translated():
+        with translated():
             # One transaction: the purchase's final status (when COMPLETED) and the end.
             first = await asyncio.to_thread(
                 lambda: self._store.close_saga(

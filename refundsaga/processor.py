@@ -1,21 +1,56 @@
 """Async client for a Stripe-compatible refunds API: the processor sandbox or Stripe itself.
 
 Requests are form-encoded the way Stripe expects (`metadata[key]=value`), answers are
-parsed from Stripe's JSON shapes, and failures become a small error taxonomy in which only
-`ProcessorUnavailable` is worth retrying (with the same idempotency key).
+parsed from Stripe's JSON shapes, and failures become a small error taxonomy
+(`refundsaga.processor_errors`) in which only `ProcessorUnavailable` is worth retrying (with the
+same idempotency key).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 import httpx
 from pydantic import Field, SecretStr, ValidationError
 
 from refundsaga.api_client import JsonApiClient, json_object, segment
 from refundsaga.models import Record
+from refundsaga.processor_errors import (
+    AmountTooLarge,
+    ChargeAlreadyRefunded,
+    ChargeNotFound,
+    IdempotencyConflict,
+    ProcessorAuthError,
+    ProcessorError,
+    ProcessorRejected,
+    ProcessorRequestSpent,
+    ProcessorUnavailable,
+    error_from,
+)
+
+# The errors live in processor_errors; they stay importable from here, beside the client.
+__all__ = [
+    "LIST_PAGE_SIZE",
+    "STRIPE_API_VERSION",
+    "STRIPE_REFUND_REASONS",
+    "AmountTooLarge",
+    "ChargeAlreadyRefunded",
+    "ChargeNotFound",
+    "IdempotencyConflict",
+    "ProcessorAuthError",
+    "ProcessorCharge",
+    "ProcessorClient",
+    "ProcessorDispute",
+    "ProcessorError",
+    "ProcessorPage",
+    "ProcessorRefund",
+    "ProcessorRejected",
+    "ProcessorRequestSpent",
+    "ProcessorUnavailable",
+    "RefundStatus",
+]
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -31,9 +66,6 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 """The Stripe API version every request is pinned to (`Stripe-Version`), so response shapes do
 not follow the account's default; the version of the `stripe` package the contract tests run."""
 _PAYMENT_INTENT_PREFIX = "pi_"
-# Statuses where the processor is telling us to come back later, not that we are wrong:
-# 409 is Stripe's "same idempotency key still in flight", 429 its rate limit.
-_TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
 
 
 class ProcessorRefund(Record):
@@ -85,84 +117,6 @@ class ProcessorCharge(Record):
     def refundable_cents(self) -> int:
         """What the processor would still let us refund."""
         return max(self.amount_cents - self.amount_refunded_cents, 0)
-
-
-class ProcessorError(Exception):
-    """A request to the processor failed.
-
-    Attributes:
-        message: The processor's (or the transport's) explanation.
-        code: Stripe's `error.code` when there is one, e.g. `charge_already_refunded`.
-        http_status: The HTTP status, or None when no response arrived.
-        param: Stripe's `error.param`, the offending parameter, when given.
-        request_id: The processor's `Request-Id` header, for support tickets.
-        retry_after_s: The processor's `Retry-After`, when it said when to come back.
-        retryable: Whether retrying the same request (same idempotency key) may succeed.
-    """
-
-    retryable: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        message: str,
-        code: str | None = None,
-        http_status: int | None = None,
-        param: str | None = None,
-        request_id: str | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        # Positional args so the exception pickles and crosses process boundaries intact.
-        super().__init__(message, code, http_status, param, request_id, retry_after_s)
-        self.message = message
-        self.code = code
-        self.http_status = http_status
-        self.param = param
-        self.request_id = request_id
-        self.retry_after_s = retry_after_s
-
-    def __str__(self) -> str:
-        details = [f"{name}={value}" for name, value in self._details() if value is not None]
-        return f"{self.message} ({', '.join(details)})" if details else self.message
-
-    def _details(self) -> list[tuple[str, object]]:
-        return [("http_status", self.http_status), ("code", self.code), ("param", self.param)]
-
-
-class ChargeAlreadyRefunded(ProcessorError):
-    """The charge has nothing left to refund (Stripe `charge_already_refunded`)."""
-
-
-class AmountTooLarge(ProcessorError):
-    """The amount exceeds what is left on the charge (Stripe `amount_too_large`)."""
-
-
-class ChargeNotFound(ProcessorError):
-    """The processor does not know the charge (Stripe 404 `resource_missing`)."""
-
-
-class ProcessorAuthError(ProcessorError):
-    """The API key was missing, wrong or lacks permission (401/403)."""
-
-
-class IdempotencyConflict(ProcessorError):
-    """The idempotency key was already used with other parameters (`idempotency_error`)."""
-
-
-class ProcessorRejected(ProcessorError):
-    """Any other 4xx: the processor understood the request and refuses it."""
-
-
-class ProcessorUnavailable(ProcessorError):
-    """Transient: 5xx, 429, timeouts, refused or dropped connections. Retry with the same key."""
-
-    retryable: ClassVar[bool] = True
-
-
-class ProcessorRequestSpent(ProcessorError):
-    """The processor answered an error it saved under the idempotency key and said not to retry
-    (`Stripe-Should-Retry: false`, e.g. a saved 500): the same request gets the same answer until
-    the key expires. Whether money moved is unknown: list the charge's refunds, then send a new
-    request under a new key."""
 
 
 class ProcessorClient(JsonApiClient):
@@ -382,61 +336,7 @@ class ProcessorClient(JsonApiClient):
                     http_status=response.status_code,
                 )
             return body
-        raise _error_from(response, body, not_found=not_found)
-
-
-def _error_from(
-    response: httpx.Response, body: dict[str, Any] | None, *, not_found: type[ProcessorError]
-) -> ProcessorError:
-    """Map a Stripe error response (by status, `error.type` and `error.code`) to an error."""
-    status = response.status_code
-    error = body.get("error") if body else None
-    if not isinstance(error, dict):
-        error = {}
-    code = error.get("code") if isinstance(error.get("code"), str) else None
-    error_type = error.get("type")
-    message = str(error.get("message") or f"Processor answered HTTP {status}")
-    kwargs: dict[str, Any] = {
-        "code": code,
-        "http_status": status,
-        "param": error.get("param") if isinstance(error.get("param"), str) else None,
-        "request_id": response.headers.get("request-id"),
-        "retry_after_s": _retry_after(response),
-    }
-    # Stripe says whether the same request may succeed; it overrides what the status suggests.
-    should_retry = response.headers.get("stripe-should-retry")
-    error_class: type[ProcessorError]
-    if status in (401, 403):
-        error_class = ProcessorAuthError
-    elif should_retry == "false" and (
-        status >= 500 or response.headers.get("idempotent-replayed") == "true"
-    ):
-        error_class = ProcessorRequestSpent
-    elif should_retry != "false" and (
-        status >= 500 or status in _TRANSIENT_STATUSES or should_retry == "true"
-    ):
-        error_class = ProcessorUnavailable
-    elif error_type == "idempotency_error":
-        error_class = IdempotencyConflict
-    elif code == "charge_already_refunded":
-        error_class = ChargeAlreadyRefunded
-    elif code == "amount_too_large":
-        error_class = AmountTooLarge
-    elif status == 404 or code == "resource_missing":
-        error_class = not_found
-    else:
-        error_class = ProcessorRejected
-    return error_class(message, **kwargs)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """`Retry-After` in seconds when it is a number (Stripe sends seconds), else None."""
-    value = response.headers.get("retry-after")
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and 0 <= seconds <= 3600 else None
+        raise error_from(response, body, not_found=not_found)
 
 
 def _charge(obj: Mapping[str, Any]) -> ProcessorCharge:

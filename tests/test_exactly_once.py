@@ -17,7 +17,7 @@ from sqlalchemy import select, text
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
-from activities.refund_activities import _translated
+from activities.errors import translated
 from console.seed import SeededPurchase
 from refundsaga.contracts import ApprovalDecision, Resolution, SagaState
 from refundsaga.models import LedgerEntry
@@ -305,7 +305,7 @@ async def test_a_429_storm_refunds_exactly_once(world: SagaWorld) -> None:
 
 
 def test_a_429s_retry_after_paces_the_activitys_next_attempt() -> None:
-    with pytest.raises(ApplicationError) as caught, _translated():
+    with pytest.raises(ApplicationError) as caught, translated():
         raise ProcessorUnavailable("Too many requests", http_status=429, retry_after_s=7)
     assert not caught.value.non_retryable
     assert caught.value.next_retry_delay == timedelta(seconds=7)
