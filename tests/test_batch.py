@@ -341,7 +341,8 @@ async def test_a_batch_refunds_every_buyer_with_one_approval(
             for b in [outside, *rest]
         ]
     )
-    assert starts[-1] - starts[0] >= 3.0  # bursts of two, a second apart
+    # Bursts of two, a second apart; the server stamps a start a few ms off the workflow's timer.
+    assert starts[-1] - starts[0] >= 2.9
     assert max_in_window(starts, 0.95) <= 2
 
 
