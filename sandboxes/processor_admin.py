@@ -99,7 +99,8 @@ class ProcessorAdmin:
         """`POST /_sandbox/charges/{id}/refund_outside`: money returned via the dashboard.
 
         The same as `POST /v1/refunds` without our metadata, but always succeeding; it
-        emits the same events.
+        emits the same events. With `ago_s`, a refund made that long ago, before any webhook
+        endpoint listened: dated back and without events.
         """
         data = await read_json(request)
         amount = data.get("amount")
@@ -107,6 +108,9 @@ class ProcessorAdmin:
             isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0
         ):
             raise ApiError(400, "amount must be a positive integer", param="amount")
+        ago_s = data.get("ago_s", 0)
+        if isinstance(ago_s, bool) or not isinstance(ago_s, int) or ago_s < 0:
+            raise ApiError(400, "ago_s must be a non-negative integer", param="ago_s")
         async with self.core.lock:
             charge = self.ledger.charge(request.path_params["charge_id"])
             refund = self.ledger.add_refund(
@@ -116,6 +120,7 @@ class ProcessorAdmin:
                 reason="requested_by_customer",
                 behavior="succeed",
                 cause=dashboard_cause(),
+                ago_s=ago_s,
             )
             self.core.save()
             return JSONResponse(self.ledger.refund_view(refund))

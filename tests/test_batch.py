@@ -649,6 +649,13 @@ def run_cli_batch(
         )
         seed_s = time.monotonic() - seeded
         outside = buyers[0]
+        # The stack's receiver would reconcile the outside refund in a saga of its own, which
+        # the batch then leaves alone (tests/test_processor_events_e2e.py); held back here so
+        # the batch's own already-refunded branch is what runs.
+        httpx.post(
+            f"{live.settings.processor_url}/_sandbox/webhooks/pause",
+            headers=admin_auth(live, "processor"),
+        ).raise_for_status()
         httpx.post(
             f"{live.settings.processor_url}/_sandbox/charges/{outside.charge_id}/refund_outside",
             json={},
@@ -746,6 +753,11 @@ def run_cli_batch(
         }
     finally:
         store.close()
+        # Delivered now, the event finds the refund in the ledger: nothing to reconcile.
+        httpx.post(
+            f"{live.settings.processor_url}/_sandbox/webhooks/resume",
+            headers=admin_auth(live, "processor"),
+        ).raise_for_status()
 
 
 def assert_rate_respected(figures: dict[str, Any]) -> None:

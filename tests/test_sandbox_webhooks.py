@@ -208,6 +208,24 @@ def test_without_faults_one_endpoint_gets_events_in_order(
     assert [e["id"] for e in receiver.events] == [e["id"] for e in reversed(listed)]
 
 
+def test_a_refund_made_before_anyone_listened_is_dated_back_and_silent(
+    sandbox: ProcessorSandbox, receiver: Receiver
+) -> None:
+    charge = sandbox.create_charge(500)
+    month = 30 * 86_400
+    response = sandbox.http.post(
+        f"/_sandbox/charges/{charge['id']}/refund_outside", json={"ago_s": month}
+    )
+    response.raise_for_status()
+    refund = response.json()
+    _flush(sandbox)
+
+    assert receiver.events == []
+    assert refund["status"] == "succeeded"
+    assert sandbox.get_charge(charge["id"])["amount_refunded"] == 500
+    assert refund["created"] <= time.time() - month + 60
+
+
 @pytest.mark.parametrize("how", ["api", "dashboard"])
 def test_a_refund_made_outside_oasis_emits_the_same_events(
     sandbox: ProcessorSandbox, receiver: Receiver, how: str
