@@ -49,8 +49,10 @@ def before_the_approval(history: list[dict[str, Any]]) -> int:
     last_completed = 0
     for event in history:
         kind = event["eventType"]
+        # `refund start`'s `planned` update comes with the start: not an approval.
+        planned = '"planned"' in json.dumps(event)
         if kind in ("EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED", "WorkflowExecutionSignaled") or (
-            "UPDATE_ACCEPTED" in kind or "UpdateAccepted" in kind
+            ("UPDATE_ACCEPTED" in kind or "UpdateAccepted" in kind) and not planned
         ):
             return last_completed
         if kind in ("EVENT_TYPE_WORKFLOW_TASK_COMPLETED", "WorkflowTaskCompleted"):
