@@ -155,6 +155,7 @@ def run_chaos(config: ChaosConfig, *, stream: TextIO = sys.stderr) -> dict[str, 
         faults=faults,
         webhooks=webhooks,
         sweeps=temporal.sweeps,
+        run_states=temporal.run_states(),
         invariants=invariants,
         timings=timings,
     )

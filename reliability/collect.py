@@ -9,6 +9,7 @@ started them. The injected faults are read by `reliability.faults.fault_counts` 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,6 +48,25 @@ class TemporalFacts:
     sagas: dict[int, list[SagaExecutionFact]] = field(default_factory=dict)
     tasks: dict[int, list[OpsTaskFact]] = field(default_factory=dict)
     sweeps: list[SweepFact] = field(default_factory=list)
+
+    def run_states(self) -> dict[str, dict[str, int]]:
+        """Reconciliation and ops task runs by the state they were left in (a reset's old
+        run: TERMINATED)."""
+        reconciliations: Counter[str] = Counter(
+            (run.state or run.status) if run.status in ("COMPLETED", "RUNNING") else run.status
+            for runs in self.sagas.values()
+            for run in runs
+            if run.source
+        )
+        tasks: Counter[str] = Counter(
+            (task.state or task.status) if task.status in ("COMPLETED", "RUNNING") else task.status
+            for tasks in self.tasks.values()
+            for task in tasks
+        )
+        return {
+            "reconciliation": dict(sorted(reconciliations.items())),
+            "ops_task": dict(sorted(tasks.items())),
+        }
 
 
 def _status(execution: WorkflowExecution) -> str:

@@ -178,7 +178,13 @@ class ProfileWindow:
 def endpoint(method: str, path: str) -> str:
     """A request's endpoint with identifiers replaced, e.g. `GET /v1/charges/{charge}`."""
     parts = path.strip("/").split("/")
-    names = {"charges": "{charge}", "refunds": "{refund}", "members": "{member}"}
+    names = {
+        "charges": "{charge}",
+        "refunds": "{refund}",
+        "members": "{member}",
+        "disputes": "{dispute}",
+        "events": "{event}",
+    }
     shape = []
     for i, part in enumerate(parts):
         previous = parts[i - 1] if i else ""

@@ -39,8 +39,14 @@ def processor_events_report(
     record: RunRecord,
     webhooks: dict[str, Any] | None,
     sweeps: Sequence[SweepFact],
+    run_states: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
-    """The report's part on money back outside OASIS, webhooks and the sweep."""
+    """The report's part on money back outside OASIS, webhooks and the sweep.
+
+    Args:
+        run_states: Runs Temporal lists per kind (`reconciliation`, `ops_task`) and state, e.g.
+            a reconciliation or task run refused because its object was settled already.
+    """
     kinds: Counter[str] = Counter()
     for plan in plans:
         if plan.scenario == SEEDED_OUTSIDE:
@@ -68,6 +74,7 @@ def processor_events_report(
         "late_failures": record.late_failures,
         "planned_late_failures": sum(1 for p in plans if p.fail_late),
         "ops_tasks_closed": record.tasks_closed,
+        "runs_by_state": run_states or {},
         "webhook_faults": config.webhook_faults,
         "webhook_profiles_applied": record.webhook_profiles,
         "webhook_fates_forced": record.forced_fates,
@@ -94,6 +101,7 @@ def build_report(
     timings: dict[str, float],
     webhooks: dict[str, Any] | None = None,
     sweeps: Sequence[SweepFact] = (),
+    run_states: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     durations = [
         r.ended_at - r.started_at
@@ -129,7 +137,13 @@ def build_report(
         },
         "faults": {"by_sandbox": faults, "total": injected},
         "processor_events": processor_events_report(
-            config=config, plans=plans, runs=runs, record=record, webhooks=webhooks, sweeps=sweeps
+            config=config,
+            plans=plans,
+            runs=runs,
+            record=record,
+            webhooks=webhooks,
+            sweeps=sweeps,
+            run_states=run_states,
         ),
         "people": {
             "decisions": record.decisions,
@@ -162,7 +176,8 @@ def _events_lines(events: dict[str, Any]) -> list[str]:
         f"  money back:  {events['money_back']}; reconciliations by "
         f"{events['reconciliations_by_source']} (listed after: {found or '-'})",
         f"  late fails:  {events['late_failures']} of {events['planned_late_failures']} planned, "
-        f"{events['ops_tasks_closed']} ops tasks closed",
+        f"{events['ops_tasks_closed']} ops tasks closed; runs by state "
+        f"{events['runs_by_state'] or '-'}",
         f"  webhooks:    {webhook_line}; {events['webhook_profiles_applied']} profiles, "
         f"forced on one action's events {events['webhook_fates_forced'] or '-'}, "
         f"receiver killed {events['receiver_kills']}x ({events['receiver_down_s']}s)",

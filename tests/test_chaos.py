@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from reliability.chaos import parse_args
+from reliability.collect import TemporalFacts
 from reliability.config import ChaosConfig
 from reliability.faults import endpoint
 from reliability.invariants import check_invariants
-from reliability.records import RunRecord, SagaRun, SweepFact
+from reliability.records import OpsTaskFact, RunRecord, SagaExecutionFact, SagaRun, SweepFact
 from reliability.report import build_report, format_table
 from reliability.seeding import (
     LATE_FAILURE_SCENARIOS,
@@ -90,6 +91,7 @@ def test_the_report_counts_money_back_webhooks_and_sweeps() -> None:
         ],
         invariants=check_invariants([(p, good_facts(p)) for p in plans]),
         timings={"total": 1.0},
+        run_states={"ops_task": {"OPS_TASK_CLOSED": 1, "OPS_TASK_REFUSED": 1}},
     )
     events = report["processor_events"]
     assert events["money_back"] == {
@@ -110,6 +112,27 @@ def test_the_report_counts_money_back_webhooks_and_sweeps() -> None:
     table = format_table(report)
     assert "2 deliveries dropped, 1 duplicated" in table
     assert "1 of 1 planned, 1 ops tasks closed" in table and report["ok"]
+    assert "'OPS_TASK_REFUSED': 1" in table
+
+
+def test_runs_are_counted_by_the_state_they_were_left_in() -> None:
+    def saga(status: str, state: str | None, source: str | None) -> SagaExecutionFact:
+        return SagaExecutionFact("w", "r", status, state, source, 1.0, 2.0)
+
+    found = TemporalFacts(
+        sagas={
+            1: [
+                saga("COMPLETED", "COMPLETED", "webhook"),
+                saga("TERMINATED", "REFUNDING", "sweep"),
+            ],
+            2: [saga("COMPLETED", "COMPLETED", None)],  # support's: not a reconciliation
+        },
+        tasks={3: [OpsTaskFact("t", "r", "RUNNING", "OPS_TASK_OPEN")]},
+    )
+    assert found.run_states() == {
+        "reconciliation": {"COMPLETED": 1, "TERMINATED": 1},
+        "ops_task": {"OPS_TASK_OPEN": 1},
+    }
 
 
 def test_processor_events_are_planned_from_the_seed() -> None:
@@ -170,6 +193,8 @@ def test_the_processor_event_flags_default_on() -> None:
 def test_endpoints_hide_identifiers() -> None:
     assert endpoint("POST", "/v1/refunds") == "POST /v1/refunds"
     assert endpoint("GET", "/v1/charges/ch_1") == "GET /v1/charges/{charge}"
+    assert endpoint("GET", "/v1/disputes/dp_1") == "GET /v1/disputes/{dispute}"
+    assert endpoint("GET", "/v1/disputes") == "GET /v1/disputes"
     assert (
         endpoint("DELETE", "/v1/members/M-1/entitlements/CE-1")
         == "DELETE /v1/members/{member}/entitlements/{product}"
