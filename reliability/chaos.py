@@ -1,8 +1,9 @@
 """Chaos run entry point: `python -m reliability.chaos --n N --seed S`; exit 1 on a breach.
 
 A private stack comes up, the sagas are seeded and driven under chaos (`reliability.harness`),
-what they left is collected (`reliability.collect`, `faults.fault_counts`) and checked
-(`reliability.invariants`), and the report is printed (`reliability.report`).
+what they left is collected (`reliability.collect`, `faults.fault_counts`,
+`faults.webhook_counts`) and checked (`reliability.invariants`), and the report is printed
+(`reliability.report`).
 """
 
 from __future__ import annotations
@@ -26,18 +27,26 @@ from temporalio.runtime import Runtime, TelemetryConfig, TelemetryFilter
 from console import stack
 from refundsaga.logs import core_logging
 from refundsaga.temporal import run_and_exit
-from reliability.collect import collect_facts
-from reliability.config import ChaosConfig, Reporter, chaos_settings, policy_environment
-from reliability.faults import FAULT_KINDS, fault_counts
+from reliability.collect import collect_facts, collect_temporal
+from reliability.config import (
+    SWEEP_EVERY_S,
+    ChaosConfig,
+    Reporter,
+    chaos_settings,
+    policy_environment,
+)
+from reliability.faults import FAULT_KINDS, fault_counts, webhook_counts
 from reliability.harness import Harness
 from reliability.invariants import (
     check_chaos,
     check_invariants,
     check_resets_and_prunes,
     check_restarts,
+    processor_event_shortfalls,
 )
+from reliability.records import SEEDED_OUTSIDE
 from reliability.report import build_report, format_table
-from reliability.seeding import plan_choices, seed_all
+from reliability.seeding import plan_choices, plan_processor_events, seed_all
 
 __all__ = ["main", "parse_args", "run_chaos"]
 
@@ -65,7 +74,7 @@ def run_chaos(config: ChaosConfig, *, stream: TextIO = sys.stderr) -> dict[str, 
     data_dir = data_dir.resolve()
     if not created and data_dir.exists() and any(data_dir.iterdir()):
         raise stack.StackError(f"{data_dir} is not empty: the harness needs a fresh data dir")
-    settings = chaos_settings(data_dir)
+    settings = chaos_settings(data_dir, sweep_every_s=config.sweep_every_s)
     timings: dict[str, float] = {}
     say(
         f"chaos run n={config.n} seed={config.seed} in {data_dir} (Temporal "
@@ -77,7 +86,12 @@ def run_chaos(config: ChaosConfig, *, stream: TextIO = sys.stderr) -> dict[str, 
             stack.up(settings, on_progress=lambda m: say(f"stack: {m}"), timeout_s=120)
             timings["stack_up"] = time.monotonic() - mark
             mark = time.monotonic()
-            choices = plan_choices(config.n, random.Random(config.seed), config.reject_rate)
+            choices = plan_processor_events(
+                plan_choices(config.n, random.Random(config.seed), config.reject_rate),
+                random.Random(config.seed * 31 + 17),
+                outside_share=config.outside_share,
+                late_failures=config.planned_late_failures,
+            )
             plans = seed_all(settings, choices, say)
             timings["seed"] = time.monotonic() - mark
             harness = Harness(config, settings, plans, say)
@@ -85,7 +99,9 @@ def run_chaos(config: ChaosConfig, *, stream: TextIO = sys.stderr) -> dict[str, 
             timings["run"] = record.run_s
             mark = time.monotonic()
             faults = fault_counts(settings, record.windows)
-            facts = collect_facts(settings, plans, harness.runs)
+            webhooks = webhook_counts(settings)
+            temporal = asyncio.run(collect_temporal(settings))
+            facts = collect_facts(settings, plans, harness.runs, temporal)
             invariants = [
                 *check_invariants(list(zip(plans, facts, strict=True))),
                 check_restarts(record.restarts),
@@ -96,16 +112,29 @@ def run_chaos(config: ChaosConfig, *, stream: TextIO = sys.stderr) -> dict[str, 
                     faults=sum(int(c[k]) for c in faults.values() for k in FAULT_KINDS),
                     outage=record.outage or config.outage_s <= 0,
                     errors=record.chaos_errors,
-                    missing=check_resets_and_prunes(
-                        resets=record.resets,
-                        planned_resets=config.planned_resets,
-                        prunes=record.prunes,
-                        planned_prunes=config.prunes,
-                        end_runs={
-                            p.workflow_id: r.end_run_id
-                            for p, r in zip(plans, harness.runs, strict=True)
-                        },
-                    ),
+                    missing=[
+                        *check_resets_and_prunes(
+                            resets=record.resets,
+                            planned_resets=config.planned_resets,
+                            prunes=record.prunes,
+                            planned_prunes=config.prunes,
+                            end_runs={
+                                p.workflow_id: r.end_run_id
+                                for p, r in zip(plans, harness.runs, strict=True)
+                            },
+                        ),
+                        *processor_event_shortfalls(
+                            webhooks=webhooks if config.webhook_faults else None,
+                            receiver_kills=record.receiver_kills,
+                            planned_receiver_kills=config.receiver_kills,
+                            money_back=record.money_back,
+                            planned_money_back=sum(
+                                1 for p in plans if p.reconciles and p.scenario != SEEDED_OUTSIDE
+                            ),
+                            late_failures=record.late_failures,
+                            planned_late_failures=sum(1 for p in plans if p.fail_late),
+                        ),
+                    ],
                 ),
             ]
             timings["check"] = time.monotonic() - mark
@@ -124,6 +153,9 @@ def run_chaos(config: ChaosConfig, *, stream: TextIO = sys.stderr) -> dict[str, 
         runs=harness.runs,
         record=record,
         faults=faults,
+        webhooks=webhooks,
+        sweeps=temporal.sweeps,
+        run_states=temporal.run_states(),
         invariants=invariants,
         timings=timings,
     )
@@ -133,8 +165,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ChaosConfig, bool]:
     parser = argparse.ArgumentParser(
         prog="python -m reliability.chaos",
         description="Run refund sagas on a private stack under faults, worker kills, a "
-        "Temporal restart, resets and key pruning, then check the invariants; exit 1 on any "
-        "breach.",
+        "Temporal restart, resets and key pruning, with money going back outside OASIS under "
+        "webhook faults, then check the invariants; exit 1 on any breach.",
         epilog="example: python -m reliability.chaos --n 30 --seed 1 --json",
     )
     parser.add_argument("--n", type=int, default=30, help="sagas to run (default 30)")
@@ -152,11 +184,42 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ChaosConfig, bool]:
         "--outage-s", type=float, default=150.0, help="AMS outage length, 0 for none (default 150)"
     )
     parser.add_argument("--timeout-s", type=float, help="budget of the saga phase")
+    parser.add_argument(
+        "--webhook-faults",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="drop, duplicate and hold back the processor's webhook deliveries (default on)",
+    )
+    parser.add_argument(
+        "--outside-share",
+        type=float,
+        default=0.1,
+        help="share of purchases refunded in the dashboard or lost to a dispute instead of a "
+        "saga by support (default 0.1)",
+    )
+    parser.add_argument(
+        "--late-failures",
+        type=int,
+        help="refunds failed at the processor after their saga completed (default max(1, n/100))",
+    )
+    parser.add_argument(
+        "--receiver-kills", type=int, default=1, help="webhook receiver kills (default 1)"
+    )
+    parser.add_argument(
+        "--sweep-every-s",
+        type=float,
+        default=SWEEP_EVERY_S,
+        help=f"interval of the reconciliation sweep (default {SWEEP_EVERY_S:g})",
+    )
     args = parser.parse_args(argv)
     if args.n < 1 or args.concurrency < 1:
         parser.error("--n and --concurrency must be at least 1")
     if (args.resets is not None and args.resets < 0) or args.prunes < 0:
         parser.error("--resets and --prunes must not be negative")
+    if (args.late_failures is not None and args.late_failures < 0) or args.receiver_kills < 0:
+        parser.error("--late-failures and --receiver-kills must not be negative")
+    if not 0 <= args.outside_share <= 1 or args.sweep_every_s <= 0:
+        parser.error("--outside-share must be within 0 and 1, --sweep-every-s positive")
     config = ChaosConfig(
         n=args.n,
         seed=args.seed,
@@ -168,6 +231,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ChaosConfig, bool]:
         timeout_s=args.timeout_s,
         data_dir=args.data_dir,
         keep=args.keep,
+        webhook_faults=args.webhook_faults,
+        outside_share=args.outside_share,
+        late_failures=args.late_failures,
+        receiver_kills=args.receiver_kills,
+        sweep_every_s=args.sweep_every_s,
     )
     return config, args.json
 

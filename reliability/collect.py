@@ -1,28 +1,157 @@
 """Read what a chaos run left behind, saga by saga, as plain data for the invariants.
 
-The charge and its refunds at the processor, the ledger rows, purchase and progress in the
-store, the entitlement at the AMS, and what Temporal said of the saga's end (seen by the
-driver). The injected faults are read by `reliability.faults.fault_counts`.
+The charge with its refunds and disputes at the processor, the ledger rows, purchase and
+progress in the store, the entitlement at the AMS, what Temporal said of the saga's end (seen
+by the driver), and every run Temporal lists of the purchase's sagas and ops tasks, whoever
+started them. The injected faults are read by `reliability.faults.fault_counts` and
+`webhook_counts`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import httpx
 from sqlalchemy import create_engine, text
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 
+from refundsaga import search_attributes as sa
+from refundsaga.contracts import SagaState, SagaStatus
+from refundsaga.failed_refunds import WORKFLOW_NAME as TASK_WORKFLOW
+from refundsaga.reconcile_dispatch import SAGA_WORKFLOW
 from refundsaga.settings import Settings
+from refundsaga.sweep import SWEEP_WORKFLOW, SweepResult
+from refundsaga.temporal import connect
 from reliability.faults import sandbox_admin
-from reliability.records import LedgerRow, ProcessorRefundFact, SagaFacts, SagaPlan, SagaRun
+from reliability.records import (
+    LedgerRow,
+    OpsTaskFact,
+    ProcessorDisputeFact,
+    ProcessorRefundFact,
+    SagaExecutionFact,
+    SagaFacts,
+    SagaPlan,
+    SagaRun,
+    SweepFact,
+)
 
-__all__ = ["collect_facts"]
+__all__ = ["TemporalFacts", "collect_facts", "collect_temporal"]
+
+
+@dataclass
+class TemporalFacts:
+    """Every run of the sagas, ops tasks and sweeps Temporal lists after the run."""
+
+    sagas: dict[int, list[SagaExecutionFact]] = field(default_factory=dict)
+    tasks: dict[int, list[OpsTaskFact]] = field(default_factory=dict)
+    sweeps: list[SweepFact] = field(default_factory=list)
+
+    def run_states(self) -> dict[str, dict[str, int]]:
+        """Reconciliation and ops task runs by the state they were left in (a reset's old
+        run: TERMINATED)."""
+        reconciliations: Counter[str] = Counter(
+            (run.state or run.status) if run.status in ("COMPLETED", "RUNNING") else run.status
+            for runs in self.sagas.values()
+            for run in runs
+            if run.source
+        )
+        tasks: Counter[str] = Counter(
+            (task.state or task.status) if task.status in ("COMPLETED", "RUNNING") else task.status
+            for tasks in self.tasks.values()
+            for task in tasks
+        )
+        return {
+            "reconciliation": dict(sorted(reconciliations.items())),
+            "ops_task": dict(sorted(tasks.items())),
+        }
+
+
+def _status(execution: WorkflowExecution) -> str:
+    return execution.status.name if execution.status else "UNKNOWN"
+
+
+def _ts(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
+def _purchase(execution: WorkflowExecution) -> int | None:
+    value = execution.typed_search_attributes.get(sa.PURCHASE_ID)
+    return int(value) if value and value.isdigit() else None
+
+
+async def _listed(client: Client, workflow_type: str) -> list[WorkflowExecution]:
+    return [e async for e in client.list_workflows(f'WorkflowType="{workflow_type}"')]
+
+
+async def collect_temporal(settings: Settings) -> TemporalFacts:
+    """List every RefundSaga, FailedRefundTask and ReconciliationSweep run; read the result of
+    each completed reconciliation (what it reconciled) and sweep (what it did)."""
+    client = await connect(settings)
+    found = TemporalFacts()
+    for execution in await _listed(client, SAGA_WORKFLOW):
+        purchase = _purchase(execution)
+        if purchase is None:
+            continue
+        state = execution.typed_search_attributes.get(sa.REFUND_STATE)
+        source = execution.typed_search_attributes.get(sa.REFUND_SOURCE)
+        reconciled = None
+        if (
+            source
+            and execution.status == WorkflowExecutionStatus.COMPLETED
+            and state == SagaState.COMPLETED.value
+        ):
+            handle = client.get_workflow_handle(
+                execution.id, run_id=execution.run_id, result_type=SagaStatus
+            )
+            result = await handle.result(follow_runs=False)
+            if result.reconcile is not None:
+                reconciled = result.reconcile.processor_object_id
+        found.sagas.setdefault(purchase, []).append(
+            SagaExecutionFact(
+                workflow_id=execution.id,
+                run_id=execution.run_id,
+                status=_status(execution),
+                state=state,
+                source=source,
+                started_at=execution.start_time.timestamp(),
+                closed_at=_ts(execution.close_time),
+                reconciled=reconciled,
+            )
+        )
+    for execution in await _listed(client, TASK_WORKFLOW):
+        purchase = _purchase(execution)
+        if purchase is not None:
+            found.tasks.setdefault(purchase, []).append(
+                OpsTaskFact(
+                    task_id=execution.id,
+                    run_id=execution.run_id,
+                    status=_status(execution),
+                    state=execution.typed_search_attributes.get(sa.REFUND_STATE),
+                )
+            )
+    for execution in await _listed(client, SWEEP_WORKFLOW):
+        outcomes: dict[str, int] = {}
+        if execution.status == WorkflowExecutionStatus.COMPLETED:
+            handle = client.get_workflow_handle(
+                execution.id, run_id=execution.run_id, result_type=SweepResult
+            )
+            outcomes = dict((await handle.result(follow_runs=False)).outcomes)
+        found.sweeps.append(SweepFact(execution.run_id, _status(execution), outcomes))
+    return found
 
 
 def collect_facts(
-    settings: Settings, plans: Sequence[SagaPlan], runs: Sequence[SagaRun]
+    settings: Settings,
+    plans: Sequence[SagaPlan],
+    runs: Sequence[SagaRun],
+    temporal: TemporalFacts | None = None,
 ) -> list[SagaFacts]:
-    """Read each saga's traces: the charge at the processor, the store's rows, the AMS member."""
+    """Read each saga's traces: the charge at the processor, the store's rows, the AMS member;
+    with `temporal`, the runs Temporal lists of the purchase's sagas and ops tasks."""
+    temporal = temporal or TemporalFacts()
     facts: list[SagaFacts] = []
     auth = {"Authorization": f"Bearer {settings.processor_api_key.get_secret_value()}"}
     engine = create_engine(settings.resolved_database_url)
@@ -42,6 +171,16 @@ def collect_facts(
                         workflow_id=(r.get("metadata") or {}).get("workflow_id"),
                     )
                     for r in body["refunds"]["data"]
+                )
+                listed = http.get(
+                    f"{settings.processor_url}/v1/disputes",
+                    params={"charge": plan.charge_id, "limit": 100},
+                    headers=auth,
+                )
+                listed.raise_for_status()
+                disputes = tuple(
+                    ProcessorDisputeFact(d["id"], int(d["amount"]), d["status"])
+                    for d in listed.json()["data"]
                 )
                 purchase = db.execute(
                     text("SELECT refunded_cents, status FROM purchases WHERE id = :id"),
@@ -94,6 +233,9 @@ def collect_facts(
                         archived=int(archived),
                         progress_left=int(left),
                         ams_entitlement=ams_state,
+                        processor_disputes=disputes,
+                        sagas=tuple(temporal.sagas.get(plan.purchase_id, ())),
+                        ops_tasks=tuple(temporal.tasks.get(plan.purchase_id, ())),
                     )
                 )
     finally:

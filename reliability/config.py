@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -49,6 +50,11 @@ POLICY_ENV = {
     "REFUND_APPROVER_PUBLIC_KEYS": "{}",
     "REFUND_LOG_FORMAT": "json",
 }
+# The reconciliation sweep every few seconds, not every 10 minutes: a dropped webhook is then
+# made up for within the run. Its overlap re-reads a minute: the sandbox shows every object at
+# once, and a shorter window keeps each sweep to a few pages.
+SWEEP_EVERY_S = 15.0
+SWEEP_OVERLAP = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,22 @@ class ChaosConfig:
     timeout_s: float | None = None
     data_dir: Path | None = None
     keep: bool = False
+    webhook_faults: bool = True
+    outside_share: float = 0.1
+    late_failures: int | None = None
+    receiver_kills: int = 1
+    sweep_every_s: float = SWEEP_EVERY_S
 
     @property
     def planned_kills(self) -> int:
         return self.kills if self.kills is not None else max(2, round(self.n / 50))
+
+    @property
+    def planned_late_failures(self) -> int:
+        """About one saga in a hundred, at least one, unless the run says how many."""
+        if self.late_failures is not None:
+            return self.late_failures
+        return max(1, round(self.n / 100))
 
     @property
     def planned_resets(self) -> int:
@@ -82,8 +100,9 @@ class ChaosConfig:
         return 240 + self.outage_s + 3 * self.n
 
 
-def chaos_settings(data_dir: Path) -> Settings:
-    """Settings of a private stack: its own data dir, free ports, the sandbox keys."""
+def chaos_settings(data_dir: Path, *, sweep_every_s: float = SWEEP_EVERY_S) -> Settings:
+    """Settings of a private stack: its own data dir, free ports, the sandbox keys, and a
+    reconciliation sweep every `sweep_every_s` seconds."""
     return stack.private_settings(
         data_dir,
         database_url=f"sqlite:///{(data_dir / 'oasis.db').resolve()}",
@@ -95,6 +114,8 @@ def chaos_settings(data_dir: Path) -> Settings:
         auto_approve_below_cents=0,
         processor_timeout_s=CLIENT_TIMEOUT_S,
         ams_timeout_s=CLIENT_TIMEOUT_S,
+        sweep_every=timedelta(seconds=sweep_every_s),
+        sweep_overlap=SWEEP_OVERLAP,
     )
 
 

@@ -1,7 +1,9 @@
 """The faults the chaos harness brings about, besides killing processes, and their counts.
 
 The sandboxes' fault profiles (5xx, hung requests, dropped connections, lost responses,
-latency) and the counts read back from their request logs. Then two things that happen to real
+latency) and the counts read back from their request logs; the processor's webhook delivery
+faults (dropped, duplicated, held back so that later events overtake them) and the counts read
+back from its delivery log. Then two things that happen to real
 sagas and that no fault profile imitates: ops reset a workflow in the Temporal UI, which starts
 a new run of the same workflow id from an earlier point; and Stripe prunes idempotency keys
 once they are a day old, so a resend under an old key executes again. The planning is pure;
@@ -11,11 +13,12 @@ the calls that act are thin; the checks that these happened are in `reliability.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -37,10 +40,12 @@ __all__ = [
     "OUTAGE",
     "PROFILES",
     "PRUNE_ADVANCE_S",
+    "WEBHOOK_PROFILES",
     "Call",
     "ProfileWindow",
     "PruneRecord",
     "ResetRecord",
+    "WebhookFaults",
     "advance_clock",
     "endpoint",
     "fault_counts",
@@ -55,6 +60,7 @@ __all__ = [
     "reset_workflow",
     "sandbox_admin",
     "table_line",
+    "webhook_counts",
 ]
 
 # -- the sandboxes' fault profiles and their counts ----------------------------------------------
@@ -89,6 +95,69 @@ PROFILES: dict[str, FaultProfile] = {
 }
 OUTAGE = {"error_rate": 1.0}
 
+# Webhook delivery profiles (`POST /_sandbox/webhooks/faults`), drawn like the API's. A dropped
+# delivery is never sent: only the reconciliation sweep makes up for it. Duplicates and held
+# back deliveries must start nothing twice. Failed attempts (the receiver down) are retried by
+# the sandbox as Stripe does.
+WEBHOOK_PROFILES: dict[str, FaultProfile] = {
+    "drops": lambda r: {"drop_rate": round(r.uniform(0.15, 0.3), 3)},
+    "duplicates": lambda r: {"duplicate_rate": round(r.uniform(0.3, 0.6), 3)},
+    "reordered": lambda r: {
+        "reorder_rate": round(r.uniform(0.4, 0.8), 3),
+        "reorder_max_s": round(r.uniform(1.0, 3.0), 1),
+    },
+    "mixed": lambda r: {
+        "drop_rate": 0.1,
+        "duplicate_rate": 0.2,
+        "reorder_rate": 0.2,
+        "reorder_max_s": 2.0,
+    },
+}
+DELIVERY_LOG_SIZE = 10_000  # the processor sandbox keeps this many attempts (sandboxes.webhooks)
+# Fates forced on every delivery of the events one action causes, so that even a small run
+# sees an event that never arrives and one that arrives twice, out of order.
+FORCED_FATES: dict[str, dict[str, Any]] = {
+    "drop": {"drop_rate": 1.0},
+    "duplicate": {"duplicate_rate": 1.0, "reorder_rate": 1.0, "reorder_max_s": 1.0},
+}
+
+
+class WebhookFaults:
+    """The processor's webhook delivery faults: the profile in force, and a fate forced on the
+    events of one action (the sandbox draws a delivery's fate when its event is created)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url, self.headers = sandbox_admin(settings, "processor")
+        self.name = "none"
+        self.body: dict[str, Any] = {}
+        self.forced: Counter[str] = Counter()
+        self._lock = asyncio.Lock()
+
+    async def _post(self, body: dict[str, Any]) -> None:
+        async with httpx.AsyncClient(timeout=10.0, trust_env=False) as http:
+            response = await http.post(
+                f"{self.url}/_sandbox/webhooks/faults", json=body, headers=self.headers
+            )
+        response.raise_for_status()
+
+    async def apply(self, name: str, body: dict[str, Any]) -> None:
+        """Put a profile in force (`POST /_sandbox/webhooks/faults` replaces the settings)."""
+        async with self._lock:
+            await self._post(body)
+            self.name, self.body = name, body
+
+    @contextlib.asynccontextmanager
+    async def forcing(self, fate: str) -> AsyncIterator[None]:
+        """While inside, every new event's deliveries get `fate` (one of FORCED_FATES); the
+        profile in force is back afterwards."""
+        async with self._lock:
+            await self._post({**FORCED_FATES[fate], "seed": len(self.forced)})
+            self.forced[fate] += 1
+            try:
+                yield
+            finally:
+                await self._post(self.body)
+
 
 def sandbox_admin(settings: Settings, sandbox: str) -> tuple[str, dict[str, str]]:
     """A sandbox's URL and the headers its admin API needs (its bearer key)."""
@@ -109,7 +178,13 @@ class ProfileWindow:
 def endpoint(method: str, path: str) -> str:
     """A request's endpoint with identifiers replaced, e.g. `GET /v1/charges/{charge}`."""
     parts = path.strip("/").split("/")
-    names = {"charges": "{charge}", "refunds": "{refund}", "members": "{member}"}
+    names = {
+        "charges": "{charge}",
+        "refunds": "{refund}",
+        "members": "{member}",
+        "disputes": "{dispute}",
+        "events": "{event}",
+    }
     shape = []
     for i, part in enumerate(parts):
         previous = parts[i - 1] if i else ""
@@ -158,6 +233,34 @@ def fault_counts(settings: Settings, windows: Sequence[ProfileWindow]) -> dict[s
                 "log_truncated": len(entries) >= REQUEST_LOG_SIZE,
             }
     return counts
+
+
+def webhook_counts(settings: Settings) -> dict[str, Any]:
+    """What happened to the processor's webhook deliveries, from its delivery log.
+
+    `dropped`: deliveries never sent; `duplicated`: events sent twice; `held_back`: deliveries
+    held so that later events overtook them; `failed_attempts`: attempts the receiver did not
+    answer with 2xx (it was down or could not reach Temporal), each retried; `undelivered`:
+    events no attempt delivered (dropped, or out of attempts).
+    """
+    url, headers = sandbox_admin(settings, "processor")
+    with httpx.Client(timeout=10.0, trust_env=False) as http:
+        response = http.get(f"{url}/_sandbox/webhooks/deliveries", headers=headers)
+        response.raise_for_status()
+        attempts: list[dict[str, Any]] = response.json()
+    events = {a["event"] for a in attempts}
+    delivered = {a["event"] for a in attempts if a["delivered"]}
+    return {
+        "events": len(events),
+        "attempts": sum(1 for a in attempts if not a["dropped"]),
+        "dropped": sum(1 for a in attempts if a["dropped"]),
+        "duplicated": len({a["event"] for a in attempts if a["duplicate"]}),
+        "held_back": len({(a["event"], a["duplicate"]) for a in attempts if a["held_s"] > 0}),
+        "failed_attempts": sum(1 for a in attempts if not a["dropped"] and not a["delivered"]),
+        "undelivered": len(events - delivered),
+        "by_type": dict(sorted(Counter(a["type"] for a in attempts if a["attempt"] <= 1).items())),
+        "log_truncated": len(attempts) >= DELIVERY_LOG_SIZE,
+    }
 
 
 # -- resets and key pruning ---------------------------------------------------------------------

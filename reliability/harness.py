@@ -1,8 +1,9 @@
 """The chaos harness: drives the sagas while it breaks things around them on a seeded schedule.
 
-Worker kills, a Temporal restart, an AMS outage, fault profiles rotating on both sandboxes,
-resets pressed as ops do, and the processor forgetting its idempotency keys; then the faults are
-cleared and the sagas waiting for ops are retried until every saga ends.
+Worker kills, a Temporal restart, an AMS outage, fault profiles rotating on both sandboxes and
+on the processor's webhook deliveries, the webhook receiver killed, resets pressed as ops do,
+and the processor forgetting its idempotency keys; then the faults are cleared and the sagas
+waiting for ops are retried until every saga ends.
 """
 
 from __future__ import annotations
@@ -24,12 +25,19 @@ from refundsaga.settings import Settings
 from reliability import faults as ext
 from reliability.config import ChaosConfig, Reporter
 from reliability.drive import People
-from reliability.faults import OUTAGE, PROFILES, ProfileWindow, sandbox_admin
+from reliability.faults import (
+    OUTAGE,
+    PROFILES,
+    WEBHOOK_PROFILES,
+    ProfileWindow,
+    WebhookFaults,
+    sandbox_admin,
+)
 from reliability.records import RestartRecord, RunRecord, SagaPlan, SagaRun
 
 __all__ = ["PROCESSES", "Harness"]
 
-PROCESSES = ("temporal", "processor", "ams", "worker")
+PROCESSES = ("temporal", "processor", "ams", "worker", "webhooks")
 
 
 class Harness:
@@ -43,6 +51,7 @@ class Harness:
         self.plans = list(plans)
         self.say = say
         self.record = RunRecord()
+        self.webhooks = WebhookFaults(settings)
         self.people = People(
             settings,
             plans,
@@ -51,9 +60,13 @@ class Harness:
             seed=config.seed,
             concurrency=config.concurrency,
             deadline=time.monotonic() + config.budget_s,
+            webhooks=self.webhooks if config.webhook_faults else None,
         )
         self.reset_indexes: set[int] = set()
         self.rng = random.Random(config.seed * 7919 + 1)  # chaos schedule and fault profiles
+        # Webhook faults and receiver kills draw from their own generator, so the schedule
+        # above stays what it was for a seed.
+        self.events_rng = random.Random(config.seed * 104_729 + 3)
         self.current: dict[str, str] = {"processor": "none", "ams": "none"}
         self.outage_active = False
         self.down: str | None = None  # what the harness killed and has not restarted yet
@@ -83,6 +96,7 @@ class Harness:
         async with httpx.AsyncClient(timeout=10.0, trust_env=False) as http:
             self._http = http
             await self.apply_profiles()
+            await self.apply_webhook_profile()
             drivers = [asyncio.create_task(self.people.drive(plan)) for plan in self.plans]
             chaos = asyncio.create_task(self.chaos_schedule())
             rotation = asyncio.create_task(self.rotate_faults())
@@ -118,6 +132,7 @@ class Harness:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
             self.say(self.status_line())
+        self.record.forced_fates = dict(self.webhooks.forced)
         self.record.run_s = time.monotonic() - began
         return self.record
 
@@ -136,6 +151,10 @@ class Harness:
         actions.extend(
             (self.rng.uniform(0.1, 0.7) * total, "prune") for _ in range(self.config.prunes)
         )
+        actions.extend(
+            (self.events_rng.uniform(0.15, 0.7) * total, "receiver")
+            for _ in range(self.config.receiver_kills)
+        )
         actions.sort()
         outage: asyncio.Task[None] | None = None
         for mark, action in actions:
@@ -151,6 +170,8 @@ class Harness:
                 await self.reset_saga(prefer_ended=action == "reset-ended")
             elif action == "prune":
                 await self.prune_keys()
+            elif action == "receiver":
+                await self.kill_receiver()
             else:
                 outage = asyncio.create_task(self.ams_outage())
         if outage is not None:
@@ -208,6 +229,20 @@ class Harness:
         await self.restart("worker")
         self.say(f"worker restarted: {self.status_line()}")
 
+    async def kill_receiver(self) -> None:
+        """The webhook receiver goes away: the processor's deliveries fail and are retried with
+        backoff; those still failing after their last attempt are left to the sweep."""
+        if not await self.kill("webhooks"):
+            return
+        self.record.receiver_kills += 1
+        # Short: the schedule waits for it, and the sagas go on meanwhile.
+        down_s = self.events_rng.uniform(2.0, 6.0)
+        self.say(f"webhook receiver killed; restarting in {down_s:.1f}s")
+        await asyncio.sleep(down_s)
+        await self.restart("webhooks")
+        self.record.receiver_down_s += down_s
+        self.say("webhook receiver restarted")
+
     async def restart_temporal(self) -> None:
         if not await self.kill("temporal"):
             return
@@ -227,10 +262,15 @@ class Harness:
         """
         index, tries = None, 0
         while index is None:
+            # Reconciliations and refunds failing late are left alone: a reset of those is
+            # not what this reset tests (the refund's single payment across runs).
             candidates = [
                 (i, r.end_state is not None)
                 for i, r in enumerate(self.runs)
-                if r.approved and not self.plans[i].reject
+                if r.approved
+                and not self.plans[i].reject
+                and not self.plans[i].reconciles
+                and not self.plans[i].fail_late
             ]
             index = ext.pick_reset_target(
                 self.rng,
@@ -301,14 +341,24 @@ class Harness:
         if not self.outage_active:
             await self.configure("ams", *profile)
 
+    async def apply_webhook_profile(self) -> None:
+        if not self.config.webhook_faults:
+            return
+        name = self.events_rng.choice(sorted(WEBHOOK_PROFILES))
+        body = {**WEBHOOK_PROFILES[name](self.events_rng), "seed": self.events_rng.randrange(2**31)}
+        await self.webhooks.apply(name, body)
+        self.record.webhook_profiles += 1
+
     async def rotate_faults(self) -> None:
         while True:
             await asyncio.sleep(self.rng.uniform(4.0, 10.0))
             await self.apply_profiles()
+            await self.apply_webhook_profile()
 
     async def clear_faults(self) -> None:
         for sandbox in ("processor", "ams"):
             await self.configure(sandbox, "none", {})
+        await self.webhooks.apply("none", {})
 
     def status_line(self) -> str:
         ended = sum(1 for r in self.runs if r.end_state is not None)
@@ -318,7 +368,8 @@ class Harness:
             f"started {people.started}/{len(self.plans)}, decided {people.decided}, ended {ended}, "
             f"waiting for ops {parked} | worker kills {self.record.kills}, restarts "
             f"{len(self.record.restarts)} (Temporal {self.record.temporal_restarts}) | faults "
-            f"processor={self.current['processor']} ams={self.current['ams']}"
+            f"processor={self.current['processor']} ams={self.current['ams']} "
+            f"webhooks={self.webhooks.name}"
         )
 
     async def tick(self) -> None:

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
+from refundsaga.access import decide_access
+from refundsaga.models import EntitlementSource
 from reliability.faults import PruneRecord, ResetRecord
-from reliability.records import ProcessorRefundFact, RestartRecord, SagaFacts, SagaPlan
+from reliability.records import (
+    SEEDED_OUTSIDE,
+    ProcessorRefundFact,
+    RestartRecord,
+    SagaFacts,
+    SagaPlan,
+)
 
 __all__ = [
     "COUNTED_STATUSES",
     "SAGA_INVARIANTS",
     "Invariant",
     "SagaInvariant",
+    "access_violations",
     "check_chaos",
     "check_invariants",
     "check_resets_and_prunes",
@@ -27,14 +36,21 @@ __all__ = [
     "end_state_violations",
     "entitlement_violations",
     "ledger_violations",
+    "ops_task_violations",
+    "processor_event_shortfalls",
     "processor_refund_violations",
     "progress_violations",
+    "reconciliation_violations",
     "restart_violations",
     "saga_label",
+    "saga_overlap_violations",
 ]
 
 # Refunds that hold money back at the processor; failed and canceled ones moved nothing.
 COUNTED_STATUSES = ("succeeded", "pending", "requires_action")
+# A FailedRefundTask run that found the failure decided already changed nothing: not a task.
+REFUSED_TASK = "OPS_TASK_REFUSED"
+CLOSED_TASK = "OPS_TASK_CLOSED"
 
 
 @dataclass
@@ -56,8 +72,17 @@ class Invariant:
 
 
 def saga_label(plan: SagaPlan) -> str:
-    """How a violation names its saga: workflow id, scenario, and whether it was rejected."""
-    return f"{plan.workflow_id} ({plan.scenario}{', rejected' if plan.reject else ''})"
+    """How a violation names its saga: workflow id, scenario, and what was planned besides."""
+    tags = [plan.scenario]
+    if plan.reject:
+        tags.append("rejected")
+    if plan.money_back == "dispute":
+        tags.append("dispute lost")
+    elif plan.money_back == "refund" and plan.scenario != SEEDED_OUTSIDE:
+        tags.append("refunded outside" if plan.full else "partly refunded outside")
+    if plan.fail_late:
+        tags.append("fails late")
+    return f"{plan.workflow_id} ({', '.join(tags)})"
 
 
 def _money(refunds: Sequence[ProcessorRefundFact]) -> str:
@@ -82,14 +107,26 @@ def end_state_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
 
 
 def processor_refund_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
-    """Per charge: one refund by the saga of the asked amount, no duplicate, nothing else."""
+    """Per charge: one refund by the saga of the asked amount, no duplicate, nothing else; the
+    planned dashboard refund or lost dispute; a refund planned to fail late, failed."""
     counted = _counted(facts)
     own = [r for r in counted if r.workflow_id == plan.workflow_id]
     others = [r for r in counted if r.workflow_id != plan.workflow_id]
     problems: list[str] = []
-    if plan.asked_cents == 0 and own:
+    if plan.fail_late:
+        failed = [
+            r
+            for r in facts.processor_refunds
+            if r.workflow_id == plan.workflow_id and r.status == "failed"
+        ]
+        if own or len(failed) != 1 or failed[0].amount_cents != plan.asked_cents:
+            problems.append(
+                f"refunds by the saga: {_money([*own, *failed])}, expected one of "
+                f"{plan.asked_cents} failed late"
+            )
+    elif plan.asked_cents == 0 and own:
         problems.append(f"refunds by the saga, none expected: {_money(own)}")
-    if plan.asked_cents > 0:
+    if plan.asked_cents > 0 and not plan.fail_late:
         if len(own) > 1:
             problems.append(f"duplicate refund: {len(own)} refunds by the saga: {_money(own)}")
         elif not own:
@@ -100,21 +137,27 @@ def processor_refund_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
         problems.append(
             f"refunds not by the saga: {_money(others)}, expected {plan.external_cents}"
         )
-    expected_total = plan.asked_cents + plan.external_cents
+    expected_total = (0 if plan.fail_late else plan.asked_cents) + plan.external_cents
     if facts.processor_refunded_cents != expected_total:
         problems.append(
             f"charge {plan.charge_id} amount_refunded {facts.processor_refunded_cents}, "
             f"expected {expected_total}"
         )
+    lost = sum(d.amount_cents for d in facts.processor_disputes if d.status == "lost")
+    if lost != plan.chargeback_cents:
+        disputes = ", ".join(
+            f"{d.dispute_id} {d.amount_cents} {d.status}" for d in facts.processor_disputes
+        )
+        problems.append(f"disputes {disputes or 'none'}, expected {plan.chargeback_cents} lost")
     return [f"{saga_label(plan)}: {p}" for p in problems]
 
 
 def ledger_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
-    """The store's ledger rows, refunded total and purchase status match the processor."""
+    """The store's ledger rows, refunded total and purchase status match the processor: its
+    refunds row by row, its lost disputes as `chargeback` rows."""
     problems: list[str] = []
-    rows = {
-        (r.processor_refund_id, r.amount_cents) for r in facts.ledger_rows if r.status != "failed"
-    }
+    counted = [r for r in facts.ledger_rows if r.status != "failed"]
+    rows = {(r.processor_refund_id, r.amount_cents) for r in counted if r.source != "chargeback"}
     held = {(r.refund_id, r.amount_cents) for r in _counted(facts)}
     expected_rows = set() if plan.reject else held
     if rows != expected_rows:
@@ -122,14 +165,22 @@ def ledger_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
             f"ledger rows {sorted(rows)} but the processor holds {sorted(held)}"
             + (" (rejected: the ledger must stay empty)" if plan.reject else "")
         )
+    chargebacks = {
+        (r.processor_refund_id, r.amount_cents) for r in counted if r.source == "chargeback"
+    }
+    lost = {(d.dispute_id, d.amount_cents) for d in facts.processor_disputes if d.status == "lost"}
+    if chargebacks != (set() if plan.reject else lost):
+        problems.append(
+            f"ledger chargebacks {sorted(chargebacks)} but the processor's lost disputes are "
+            f"{sorted(lost)}"
+        )
     if facts.ledger_refunded_cents != plan.ledger_cents:
         problems.append(
             f"purchase.refunded_cents {facts.ledger_refunded_cents}, expected "
             f"{plan.ledger_cents} (processor: {facts.processor_refunded_cents})"
         )
-    status = "active" if plan.reject else ("refunded" if plan.full else "partially_refunded")
-    if facts.purchase_status != status:
-        problems.append(f"purchase status {facts.purchase_status}, expected {status}")
+    if facts.purchase_status != plan.purchase_status:
+        problems.append(f"purchase status {facts.purchase_status}, expected {plan.purchase_status}")
     return [f"{saga_label(plan)}: {p}" for p in problems]
 
 
@@ -165,6 +216,124 @@ def entitlement_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
     return violations
 
 
+def has_access(plan: SagaPlan, facts: SagaFacts) -> bool:
+    """OASIS's access rule (`refundsaga.access`) over what the run left.
+
+    Nobody acts on the AMS sandbox for an `ams_manual` product: the operator's confirmation
+    stands for the removal they made by hand.
+    """
+    source = cast(EntitlementSource, plan.entitlement_source)
+    entitled = facts.ams_entitlement == "active"
+    if source == "ams_manual" and facts.saga_ams_state == "confirmed":
+        entitled = False
+    return decide_access(
+        entitlement_source=source,
+        progress_count=facts.progress_left,
+        active_purchase=facts.purchase_status in ("active", "partially_refunded"),
+        ams_entitled=None if source == "oasis" else entitled,
+    ).has_access
+
+
+def access_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
+    """Once the saga or reconciliation ended as planned: no access where the money went back
+    in full (a refund that failed late included: access comes back only by a decision), access
+    kept where only part went back or the refund was rejected."""
+    if facts.end_state != plan.expected_state:
+        return []  # end_states reports it; access is judged on what was decided
+    expected = not plan.revokes
+    if has_access(plan, facts) == expected:
+        return []
+    why = "only part of the money went back" if not plan.full else "the money went back"
+    if plan.reject:
+        why = "the refund was rejected"
+    return [
+        f"{saga_label(plan)}: {'has' if not expected else 'lost'} access, though {why} "
+        f"({facts.progress_left} progress left, purchase {facts.purchase_status}, AMS "
+        f"{facts.ams_entitlement})"
+    ]
+
+
+def saga_overlap_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
+    """One saga per purchase at a time: the purchase's sagas under other workflow ids (a
+    reconciliation beside support's saga) never ran while another did; in this run a purchase
+    has one saga, support's or the processor's, so any other is reported too."""
+    spans: dict[str, tuple[float, float]] = {}
+    for run in facts.sagas:
+        start, end = spans.get(run.workflow_id, (run.started_at, run.started_at))
+        closed = float("inf") if run.closed_at is None else run.closed_at
+        spans[run.workflow_id] = (min(start, run.started_at), max(end, closed))
+    problems: list[str] = []
+    if plan.workflow_id not in spans:
+        problems.append("Temporal lists no run of its saga")
+    others = sorted(set(spans) - {plan.workflow_id})
+    if others:
+        problems.append(f"other sagas of the purchase: {', '.join(others)}")
+    ids = sorted(spans)
+    for i, first in enumerate(ids):
+        for second in ids[i + 1 :]:
+            (a0, a1), (b0, b1) = spans[first], spans[second]
+            if a0 < b1 and b0 < a1:
+                problems.append(f"{first} and {second} ran at the same time")
+    return [f"{saga_label(plan)}: {p}" for p in problems]
+
+
+def reconciliation_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
+    """Each dashboard refund and lost dispute of the charge was reconciled by exactly one run
+    that completed (none when the reconciliation was rejected), and nothing else was reconciled
+    (not a refund a saga made)."""
+    money_back = {
+        r.refund_id
+        for r in facts.processor_refunds
+        if r.workflow_id is None and r.status == "succeeded"
+    } | {d.dispute_id for d in facts.processor_disputes if d.status == "lost"}
+    completed: dict[str, list[str]] = {}
+    for run in facts.sagas:
+        if run.reconciled is not None:
+            completed.setdefault(run.reconciled, []).append(f"{run.workflow_id}/{run.run_id}")
+    problems: list[str] = []
+    for object_id in sorted(money_back):
+        runs = completed.get(object_id, [])
+        if not runs and not plan.reject:
+            problems.append(f"{object_id} went back outside OASIS and was never reconciled")
+        elif len(runs) > 1:
+            problems.append(f"{object_id} reconciled {len(runs)} times: {', '.join(runs)}")
+    for object_id in sorted(set(completed) - money_back):
+        problems.append(
+            f"{object_id} was reconciled, but it is no money back outside OASIS: "
+            f"{', '.join(completed[object_id])}"
+        )
+    return [f"{saga_label(plan)}: {p}" for p in problems]
+
+
+def ops_task_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
+    """Each refund that failed after its saga completed has exactly one ops task, closed by
+    an operator; no other refund has one. Runs that found the failure decided (refused) are
+    not tasks: they changed nothing."""
+    tasks: dict[str, list[str]] = {}
+    for task in facts.ops_tasks:
+        if task.state != REFUSED_TASK and task.status != "TERMINATED":
+            tasks.setdefault(task.refund_id, []).append(task.state or task.status)
+    failed_late = (
+        {
+            r.refund_id
+            for r in facts.processor_refunds
+            if r.workflow_id == plan.workflow_id and r.status == "failed"
+        }
+        if plan.fail_late
+        else set()
+    )
+    problems: list[str] = []
+    for refund_id in sorted(failed_late):
+        states = tasks.get(refund_id, [])
+        if len(states) != 1:
+            problems.append(f"refund {refund_id} failed late: {len(states)} ops tasks, expected 1")
+        elif states[0] != CLOSED_TASK:
+            problems.append(f"refund {refund_id} failed late: its task is {states[0]}, not closed")
+    for refund_id in sorted(set(tasks) - failed_late):
+        problems.append(f"an ops task for refund {refund_id}, which did not fail late")
+    return [f"{saga_label(plan)}: {p}" for p in problems]
+
+
 @dataclass(frozen=True)
 class SagaInvariant:
     name: str
@@ -193,6 +362,26 @@ SAGA_INVARIANTS = (
         "entitlements",
         "AMS entitlements removed exactly for the sagas that asked",
         entitlement_violations,
+    ),
+    SagaInvariant(
+        "access_follows_money",
+        "no access where the money went back in full; no change where only part did",
+        access_violations,
+    ),
+    SagaInvariant(
+        "one_saga_per_purchase",
+        "one saga per purchase at a time, support's or the processor's",
+        saga_overlap_violations,
+    ),
+    SagaInvariant(
+        "one_reconciliation_per_object",
+        "each dashboard refund and lost dispute reconciled by exactly one completed run",
+        reconciliation_violations,
+    ),
+    SagaInvariant(
+        "one_ops_task_per_late_failure",
+        "each refund failed after completion has exactly one ops task, closed",
+        ops_task_violations,
     ),
 )
 
@@ -278,6 +467,41 @@ def check_resets_and_prunes(
                 f"{workflow_id}: judged on run {ended}, not the run its reset started "
                 f"({record.new_run_id})"
             )
+    return breaches
+
+
+def processor_event_shortfalls(
+    *,
+    webhooks: dict[str, int] | None,
+    receiver_kills: int,
+    planned_receiver_kills: int,
+    money_back: int,
+    planned_money_back: int,
+    late_failures: int,
+    planned_late_failures: int,
+) -> list[str]:
+    """Breaches: the processor-event chaos that was planned and did not happen.
+
+    Args:
+        webhooks: The delivery counts (`faults.webhook_counts`) when webhook faults were on.
+        money_back: Dashboard refunds and lost disputes the harness made.
+        late_failures: Refunds the harness failed after their saga completed.
+    """
+    breaches: list[str] = []
+    if webhooks is not None:
+        for kind in ("dropped", "duplicated"):
+            if not webhooks.get(kind):
+                breaches.append(f"no webhook delivery was {kind}")
+    if receiver_kills != planned_receiver_kills:
+        breaches.append(
+            f"{receiver_kills} webhook receiver kills, {planned_receiver_kills} planned"
+        )
+    if money_back != planned_money_back:
+        breaches.append(
+            f"{money_back} refunds or disputes outside OASIS, {planned_money_back} planned"
+        )
+    if late_failures != planned_late_failures:
+        breaches.append(f"{late_failures} late refund failures, {planned_late_failures} planned")
     return breaches
 
 

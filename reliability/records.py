@@ -4,18 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from refundsaga.ids import workflow_id_for
+from refundsaga.ids import reconcile_id_for, workflow_id_for
 from reliability.faults import ProfileWindow, PruneRecord, ResetRecord
 
 __all__ = [
     "LedgerRow",
+    "OpsTaskFact",
+    "ProcessorDisputeFact",
     "ProcessorRefundFact",
     "RestartRecord",
     "RunRecord",
+    "SagaExecutionFact",
     "SagaFacts",
     "SagaPlan",
     "SagaRun",
+    "SweepFact",
 ]
+
+# The scenario whose seed refunds the whole charge in the processor's dashboard.
+SEEDED_OUTSIDE = "already_refunded"
 
 
 @dataclass(frozen=True)
@@ -36,9 +43,22 @@ class SagaPlan:
     ams_member_id: str | None
     ams_product_code: str | None
     progress_seeded: int
+    money_back: str | None = None
+    """`refund` (in the processor's dashboard) or `dispute` (lost): money back outside OASIS,
+    which no person starts a saga for; the processor's events start its reconciliation."""
+    money_back_cents: int = 0
+    fail_late: bool = False
+    """The saga's refund fails at the processor after the saga completed; ops close the task."""
+
+    @property
+    def reconciles(self) -> bool:
+        return self.money_back is not None
 
     @property
     def workflow_id(self) -> str:
+        """Support's saga, or the reconciliation the processor's events start."""
+        if self.reconciles:
+            return reconcile_id_for(self.purchase_id)
         return workflow_id_for(self.purchase_id)
 
     @property
@@ -47,6 +67,8 @@ class SagaPlan:
 
     @property
     def full(self) -> bool:
+        if self.reconciles:
+            return self.money_back_cents >= self.purchase_cents
         return self.partial_cents is None
 
     @property
@@ -57,19 +79,37 @@ class SagaPlan:
     @property
     def asked_cents(self) -> int:
         """The money the saga itself must move at the processor."""
-        if self.reject or self.scenario == "already_refunded":
+        if self.reject or self.reconciles:
             return 0
         return self.purchase_cents if self.partial_cents is None else self.partial_cents
 
     @property
     def external_cents(self) -> int:
-        """The money refunded outside OASIS before the saga started."""
-        return self.purchase_cents if self.scenario == "already_refunded" else 0
+        """The money refunded in the processor's dashboard."""
+        return self.money_back_cents if self.money_back == "refund" else 0
+
+    @property
+    def chargeback_cents(self) -> int:
+        """The money a lost dispute took back."""
+        return self.money_back_cents if self.money_back == "dispute" else 0
 
     @property
     def ledger_cents(self) -> int:
-        """What the OASIS ledger must show afterwards."""
-        return 0 if self.reject else self.asked_cents + self.external_cents
+        """What the OASIS ledger must show afterwards; a refund failed late counts nothing."""
+        if self.reject or self.fail_late:
+            return 0
+        back = self.asked_cents + self.external_cents + self.chargeback_cents
+        return min(back, self.purchase_cents)
+
+    @property
+    def purchase_status(self) -> str:
+        """The purchase's status afterwards; access taken for a refund that then failed stays
+        taken (`revoked`) until ops decide otherwise."""
+        if self.reject:
+            return "active"
+        if self.fail_late:
+            return "revoked"
+        return "refunded" if self.full else "partially_refunded"
 
 
 @dataclass(frozen=True)
@@ -79,6 +119,53 @@ class ProcessorRefundFact:
     status: str
     workflow_id: str | None
     """From the refund's metadata: the saga that made it; None for refunds made elsewhere."""
+
+
+@dataclass(frozen=True)
+class ProcessorDisputeFact:
+    dispute_id: str
+    amount_cents: int
+    status: str
+
+
+@dataclass(frozen=True)
+class SagaExecutionFact:
+    """One run of a RefundSaga of the purchase, as Temporal lists it."""
+
+    workflow_id: str
+    run_id: str
+    status: str
+    """Temporal's: RUNNING, COMPLETED, TERMINATED (a reset's old run)..."""
+    state: str | None
+    source: str | None
+    """`webhook` or `sweep` for a reconciliation; None for a saga support started."""
+    started_at: float
+    closed_at: float | None
+    reconciled: str | None = None
+    """For a reconciliation that completed: the refund or dispute it reconciled."""
+
+
+@dataclass(frozen=True)
+class OpsTaskFact:
+    """One run of a FailedRefundTask of the purchase."""
+
+    task_id: str
+    run_id: str
+    status: str
+    state: str | None
+
+    @property
+    def refund_id(self) -> str:
+        return self.task_id.removeprefix("refund-failed-")
+
+
+@dataclass(frozen=True)
+class SweepFact:
+    """One run of the reconciliation sweep; outcomes only once it completed."""
+
+    run_id: str
+    status: str
+    outcomes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,6 +192,11 @@ class SagaFacts:
     progress_left: int = 0
     ams_entitlement: str | None = None
     """`active`, `removed`, or None when the buyer has no AMS entitlement to the product."""
+    processor_disputes: tuple[ProcessorDisputeFact, ...] = ()
+    sagas: tuple[SagaExecutionFact, ...] = ()
+    """Every RefundSaga run of the purchase, whoever started it."""
+    ops_tasks: tuple[OpsTaskFact, ...] = ()
+    """Every FailedRefundTask run of the purchase."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +229,14 @@ class SagaRun:
     saga_ams_state: str | None = None
     attention: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    refund_ids: list[str] = field(default_factory=list)
+    money_back_id: str | None = None
+    """The dashboard refund or lost dispute the harness made (not the seeded ones)."""
+    money_back_at: float | None = None
+    source: str | None = None
+    """Who started the reconciliation: `webhook` or `sweep`."""
+    failed_refund_id: str | None = None
+    task_closed: bool = False
 
 
 @dataclass
@@ -155,6 +255,13 @@ class RunRecord:
     confirmations: int = 0
     resolutions: int = 0
     retried_calls: int = 0
+    webhook_profiles: int = 0
+    forced_fates: dict[str, int] = field(default_factory=dict)
+    receiver_kills: int = 0
+    receiver_down_s: float = 0.0
+    money_back: int = 0
+    late_failures: int = 0
+    tasks_closed: int = 0
     run_s: float = 0.0
     cleared_at_s: float | None = None
     chaos_errors: list[str] = field(default_factory=list)

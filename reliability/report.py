@@ -12,9 +12,9 @@ from reliability import faults as ext
 from reliability.config import ChaosConfig
 from reliability.faults import FAULT_KINDS
 from reliability.invariants import Invariant
-from reliability.records import RunRecord, SagaPlan, SagaRun
+from reliability.records import SEEDED_OUTSIDE, RunRecord, SagaPlan, SagaRun, SweepFact
 
-__all__ = ["build_report", "format_table"]
+__all__ = ["build_report", "format_table", "processor_events_report"]
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -22,6 +22,72 @@ def _percentile(values: Sequence[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 1) if values else 0.0,
+        "max": round(max(values, default=0.0), 1),
+    }
+
+
+def processor_events_report(
+    *,
+    config: ChaosConfig,
+    plans: Sequence[SagaPlan],
+    runs: Sequence[SagaRun],
+    record: RunRecord,
+    webhooks: dict[str, Any] | None,
+    sweeps: Sequence[SweepFact],
+    run_states: dict[str, dict[str, int]] | None = None,
+) -> dict[str, Any]:
+    """The report's part on money back outside OASIS, webhooks and the sweep.
+
+    Args:
+        run_states: Runs Temporal lists per kind (`reconciliation`, `ops_task`) and state, e.g.
+            a reconciliation or task run refused because its object was settled already.
+    """
+    kinds: Counter[str] = Counter()
+    for plan in plans:
+        if plan.scenario == SEEDED_OUTSIDE:
+            kinds["seeded dashboard refund"] += 1
+        elif plan.money_back == "dispute":
+            kinds["lost dispute"] += 1
+        elif plan.money_back == "refund":
+            kinds["dashboard refund" if plan.full else "partial dashboard refund"] += 1
+    # From the money going back to the reconciliation being listed (not the seeded ones).
+    latency: dict[str, list[float]] = {}
+    for run in runs:
+        if run.money_back_id and run.source and run.started_at and run.money_back_at:
+            latency.setdefault(run.source, []).append(run.started_at - run.money_back_at)
+    outcomes: Counter[str] = Counter()
+    for sweep in sweeps:
+        outcomes.update(sweep.outcomes)
+    return {
+        "money_back": dict(sorted(kinds.items())),
+        "reconciliations_by_source": dict(
+            Counter(
+                r.source or "not found" for p, r in zip(plans, runs, strict=True) if p.reconciles
+            )
+        ),
+        "reconciliation_found_after_s": {s: _spread(v) for s, v in sorted(latency.items())},
+        "late_failures": record.late_failures,
+        "planned_late_failures": sum(1 for p in plans if p.fail_late),
+        "ops_tasks_closed": record.tasks_closed,
+        "runs_by_state": run_states or {},
+        "webhook_faults": config.webhook_faults,
+        "webhook_profiles_applied": record.webhook_profiles,
+        "webhook_fates_forced": record.forced_fates,
+        "webhooks": webhooks or {},
+        "receiver_kills": record.receiver_kills,
+        "receiver_down_s": round(record.receiver_down_s, 1),
+        "sweep_every_s": config.sweep_every_s,
+        "sweeps": {
+            "runs": len(sweeps),
+            "completed": sum(1 for s in sweeps if s.status == "COMPLETED"),
+            "outcomes": dict(sorted(outcomes.items())),
+        },
+    }
 
 
 def build_report(
@@ -33,6 +99,9 @@ def build_report(
     faults: dict[str, dict[str, Any]],
     invariants: Sequence[Invariant],
     timings: dict[str, float],
+    webhooks: dict[str, Any] | None = None,
+    sweeps: Sequence[SweepFact] = (),
+    run_states: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     durations = [
         r.ended_at - r.started_at
@@ -67,6 +136,15 @@ def build_report(
             "faults_cleared_at_s": record.cleared_at_s,
         },
         "faults": {"by_sandbox": faults, "total": injected},
+        "processor_events": processor_events_report(
+            config=config,
+            plans=plans,
+            runs=runs,
+            record=record,
+            webhooks=webhooks,
+            sweeps=sweeps,
+            run_states=run_states,
+        ),
         "people": {
             "decisions": record.decisions,
             "ams_confirmations": record.confirmations,
@@ -76,6 +154,39 @@ def build_report(
         },
         "invariants": [i.to_dict() for i in invariants],
     }
+
+
+def _events_lines(events: dict[str, Any]) -> list[str]:
+    """The table's lines on money back outside OASIS, webhooks and the sweep."""
+    found = ", ".join(
+        f"{source} median {spread['median']}s max {spread['max']}s"
+        for source, spread in events["reconciliation_found_after_s"].items()
+    )
+    hooks = events["webhooks"]
+    sweeps = events["sweeps"]
+    outcomes = sweeps["outcomes"]
+    webhook_line = (
+        f"{hooks.get('events', 0)} events, {hooks.get('dropped', 0)} deliveries dropped, "
+        f"{hooks.get('duplicated', 0)} duplicated, {hooks.get('held_back', 0)} held back, "
+        f"{hooks.get('failed_attempts', 0)} failed attempts retried, "
+        f"{hooks.get('undelivered', 0)} events never delivered"
+        + (" (log full)" if hooks.get("log_truncated") else "")
+    )
+    return [
+        f"  money back:  {events['money_back']}; reconciliations by "
+        f"{events['reconciliations_by_source']} (listed after: {found or '-'})",
+        f"  late fails:  {events['late_failures']} of {events['planned_late_failures']} planned, "
+        f"{events['ops_tasks_closed']} ops tasks closed; runs by state "
+        f"{events['runs_by_state'] or '-'}",
+        f"  webhooks:    {webhook_line}; {events['webhook_profiles_applied']} profiles, "
+        f"forced on one action's events {events['webhook_fates_forced'] or '-'}, "
+        f"receiver killed {events['receiver_kills']}x ({events['receiver_down_s']}s)",
+        f"  sweeps:      {sweeps['runs']} every {events['sweep_every_s']:g}s "
+        f"({sweeps['completed']} completed): started or found open "
+        f"{outcomes.get('reconcile_started', 0)} reconciliations and "
+        f"{outcomes.get('failed_task_started', 0)} ops tasks, woke "
+        f"{outcomes.get('signalled', 0)} sagas",
+    ]
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -100,6 +211,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{s}: {c['requests']} requests" + (" (log full)" if c["log_truncated"] else "")
             for s, c in report["faults"]["by_sandbox"].items()
         ),
+        *_events_lines(report["processor_events"]),
         f"  people:      {people['decisions']} decisions, {people['ams_confirmations']} AMS "
         f"confirmations, {people['resolutions']} retries from NEEDS_ATTENTION "
         f"({people['sagas_in_needs_attention']} sagas), {people['retried_calls']} calls retried",

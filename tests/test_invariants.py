@@ -10,6 +10,7 @@ import pytest
 from reliability.faults import PRUNE_ADVANCE_S, PruneRecord, ResetRecord
 from reliability.invariants import (
     SAGA_INVARIANTS,
+    access_violations,
     check_chaos,
     check_invariants,
     check_resets_and_prunes,
@@ -17,14 +18,21 @@ from reliability.invariants import (
     end_state_violations,
     entitlement_violations,
     ledger_violations,
+    ops_task_violations,
+    processor_event_shortfalls,
     processor_refund_violations,
     progress_violations,
+    reconciliation_violations,
     restart_violations,
+    saga_overlap_violations,
 )
 from reliability.records import (
     LedgerRow,
+    OpsTaskFact,
+    ProcessorDisputeFact,
     ProcessorRefundFact,
     RestartRecord,
+    SagaExecutionFact,
     SagaFacts,
     SagaPlan,
 )
@@ -41,9 +49,21 @@ _SOURCES = {
 SCENARIOS = tuple(_SOURCES)
 
 
-def make_plan(scenario: str = "standard", *, reject: bool = False, index: int = 0) -> SagaPlan:
+def make_plan(
+    scenario: str = "standard",
+    *,
+    reject: bool = False,
+    index: int = 0,
+    money_back: str | None = None,
+    money_back_cents: int | None = None,
+    fail_late: bool = False,
+) -> SagaPlan:
+    """A plan as the harness makes it; `already_refunded` is refunded in full in the dashboard
+    at seeding, `money_back` makes any other scenario's money go back outside OASIS."""
     source, price, progress = _SOURCES[scenario]
     member = None if source == "oasis" else f"M-{index}"
+    if scenario == "already_refunded":
+        money_back = "refund"
     return SagaPlan(
         index=index,
         scenario=scenario,
@@ -52,14 +72,35 @@ def make_plan(scenario: str = "standard", *, reject: bool = False, index: int = 
         product_id=1,
         charge_id=f"ch_{index}",
         purchase_cents=price,
-        partial_cents=2_500 if scenario == "partial" else None,
+        partial_cents=2_500 if scenario == "partial" and money_back is None else None,
         reject=reject,
         approvers=("bob", "alice", "carol"),
         entitlement_source=source,
         ams_member_id=member,
         ams_product_code="CODE" if member else None,
         progress_seeded=progress,
+        money_back=money_back,
+        money_back_cents=(money_back_cents or price) if money_back else 0,
+        fail_late=fail_late,
     )
+
+
+def _run(plan: SagaPlan, run_id: str = "run-1", **changes: Any) -> SagaExecutionFact:
+    """The saga's run as Temporal lists it after a correct run."""
+    reconciled = None
+    if plan.reconciles and not plan.reject:
+        reconciled = f"dp_{plan.index}" if plan.money_back == "dispute" else f"re_ext{plan.index}"
+    run = SagaExecutionFact(
+        workflow_id=plan.workflow_id,
+        run_id=run_id,
+        status="COMPLETED",
+        state=plan.expected_state,
+        source="webhook" if plan.reconciles else None,
+        started_at=100.0,
+        closed_at=160.0,
+        reconciled=reconciled,
+    )
+    return dataclasses.replace(run, **changes)
 
 
 def good_facts(plan: SagaPlan) -> SagaFacts:
@@ -71,19 +112,32 @@ def good_facts(plan: SagaPlan) -> SagaFacts:
         )
     if plan.asked_cents:
         refunds.append(
-            ProcessorRefundFact(f"re_{plan.index}", plan.asked_cents, "succeeded", plan.workflow_id)
+            ProcessorRefundFact(
+                f"re_{plan.index}",
+                plan.asked_cents,
+                "failed" if plan.fail_late else "succeeded",
+                plan.workflow_id,
+            )
         )
+    disputes = (
+        (ProcessorDisputeFact(f"dp_{plan.index}", plan.chargeback_cents, "lost"),)
+        if plan.chargeback_cents
+        else ()
+    )
     rows = (
         ()
         if plan.reject
-        else tuple(
-            LedgerRow(
-                r.refund_id,
-                r.amount_cents,
-                "succeeded",
-                "processor" if r.workflow_id else "external",
-            )
-            for r in refunds
+        else (
+            *(
+                LedgerRow(
+                    r.refund_id,
+                    r.amount_cents,
+                    r.status,
+                    "processor" if r.workflow_id else "external",
+                )
+                for r in refunds
+            ),
+            *(LedgerRow(d.dispute_id, d.amount_cents, "succeeded", "chargeback") for d in disputes),
         )
     )
     ams = None
@@ -91,19 +145,47 @@ def good_facts(plan: SagaPlan) -> SagaFacts:
         ams = "removed" if plan.revokes else "active"
     elif plan.entitlement_source == "ams_manual":
         ams = "active"
-    status = "active" if plan.reject else ("refunded" if plan.full else "partially_refunded")
+    tasks = (
+        (OpsTaskFact(f"refund-failed-re_{plan.index}", "task-1", "COMPLETED", "OPS_TASK_CLOSED"),)
+        if plan.fail_late
+        else ()
+    )
     return SagaFacts(
         end_state=plan.expected_state,
-        saga_ams_state="confirmed" if plan.entitlement_source == "ams_manual" else None,
+        saga_ams_state="confirmed"
+        if plan.entitlement_source == "ams_manual" and plan.revokes
+        else None,
         processor_refunds=tuple(refunds),
-        processor_refunded_cents=sum(r.amount_cents for r in refunds),
+        processor_refunded_cents=sum(r.amount_cents for r in refunds if r.status == "succeeded"),
         ledger_refunded_cents=plan.ledger_cents,
-        purchase_status=status,
+        purchase_status=plan.purchase_status,
         ledger_rows=rows,
         archived=plan.progress_seeded if plan.revokes else 0,
         progress_left=0 if plan.revokes else plan.progress_seeded,
         ams_entitlement=ams,
+        processor_disputes=disputes,
+        sagas=(_run(plan),),
+        ops_tasks=tasks,
     )
+
+
+def outside_plans(start: int = 0) -> list[SagaPlan]:
+    """Money back outside OASIS for each kind of product, and refunds failing late."""
+    plans: list[SagaPlan] = []
+    for scenario in ("standard", "partial", "manual_ams", "oasis_entitled", "pending_refund"):
+        price = _SOURCES[scenario][1]
+        for money_back, cents in (("refund", None), ("refund", price // 2), ("dispute", None)):
+            plans.append(
+                make_plan(
+                    scenario,
+                    index=start + len(plans),
+                    money_back=money_back,
+                    money_back_cents=cents,
+                )
+            )
+    for scenario in ("standard", "oasis_entitled"):
+        plans.append(make_plan(scenario, index=start + len(plans), fail_late=True))
+    return plans
 
 
 def every_plan() -> list[SagaPlan]:
@@ -111,7 +193,7 @@ def every_plan() -> list[SagaPlan]:
     for scenario in SCENARIOS:
         for reject in (False, True):
             plans.append(make_plan(scenario, reject=reject, index=len(plans)))
-    return plans
+    return [*plans, *outside_plans(len(plans))]
 
 
 def breached(outcomes: list[tuple[SagaPlan, SagaFacts]]) -> dict[str, list[str]]:
@@ -139,13 +221,22 @@ PER_SAGA = [
     ledger_violations,
     progress_violations,
     entitlement_violations,
+    access_violations,
+    saga_overlap_violations,
+    reconciliation_violations,
+    ops_task_violations,
 ]
+
+
+def _plan_id(plan: SagaPlan) -> str:
+    outside = f"-{plan.money_back}{'' if plan.full else '-part'}" if plan.money_back else ""
+    return f"{plan.scenario}-{plan.reject}{outside}{'-late' if plan.fail_late else ''}"
 
 
 # -- every invariant on correct outcomes --------------------------------------------------------
 
 
-@pytest.mark.parametrize("plan", every_plan(), ids=lambda p: f"{p.scenario}-{p.reject}")
+@pytest.mark.parametrize("plan", every_plan(), ids=_plan_id)
 @pytest.mark.parametrize("violations", PER_SAGA, ids=lambda f: f.__name__)
 def test_a_correct_outcome_violates_nothing(violations: Any, plan: SagaPlan) -> None:
     assert violations(plan, good_facts(plan)) == []
@@ -161,6 +252,10 @@ def test_correct_outcomes_of_every_scenario_hold_every_invariant() -> None:
         "ledger_matches_processor",
         "progress_archived",
         "entitlements",
+        "access_follows_money",
+        "one_saga_per_purchase",
+        "one_reconciliation_per_object",
+        "one_ops_task_per_late_failure",
     ]
     assert [i.name for i in invariants] == [i.name for i in SAGA_INVARIANTS]
     assert all(i.ok and i.checked == len(outcomes) for i in invariants), breached(outcomes)
@@ -234,7 +329,7 @@ def test_a_refund_made_elsewhere_must_be_the_seeded_external_one() -> None:
     # The saga refunded again what was refunded outside OASIS before it started.
     again = ProcessorRefundFact("re_dup", 9_995, "succeeded", plan.workflow_id)
     assert processor_refund_violations(plan, with_refunds(plan, again))[0] == (
-        "refund-1 (already_refunded): refunds by the saga, none expected: re_dup 9995 succeeded"
+        "reconcile-1 (already_refunded): refunds by the saga, none expected: re_dup 9995 succeeded"
     )
     other = make_plan()
     stray = ProcessorRefundFact("re_stray", 100, "succeeded", None)
@@ -269,7 +364,7 @@ def test_a_rejected_saga_must_leave_the_ledger_empty() -> None:
     plan = make_plan("already_refunded", reject=True)
     row = LedgerRow("re_ext0", 9_995, "succeeded", "external")
     assert ledger_violations(plan, broken(plan, ledger_rows=(row,))) == [
-        "refund-1 (already_refunded, rejected): ledger rows [('re_ext0', 9995)] but the "
+        "reconcile-1 (already_refunded, rejected): ledger rows [('re_ext0', 9995)] but the "
         "processor holds [('re_ext0', 9995)] (rejected: the ledger must stay empty)"
     ]
     partial = make_plan("partial")
@@ -473,3 +568,243 @@ def test_a_run_must_do_its_resets_and_prunes_and_judge_the_new_run() -> None:
     assert check_resets_and_prunes(
         resets=twice, planned_resets=3, prunes=prunes, planned_prunes=2, end_runs=ends
     ) == ["refund-1: judged on run run-a, not the run its reset started (run-c)"]
+
+
+# -- money back outside OASIS, sagas and ops tasks ----------------------------------------------
+
+
+def test_a_lost_dispute_must_be_in_the_ledger_as_a_chargeback() -> None:
+    plan = make_plan(money_back="dispute")
+    assert plan.workflow_id == "reconcile-1" and plan.ledger_cents == 9_995
+    facts = good_facts(plan)
+    assert ledger_violations(plan, facts) == []
+    assert ledger_violations(plan, broken(plan, ledger_rows=())) == [
+        "reconcile-1 (standard, dispute lost): ledger chargebacks [] but the processor's lost "
+        "disputes are [('dp_0', 9995)]"
+    ]
+    # The chargeback recorded as a refund: the ledger's refunds differ from the processor's.
+    as_refund = (LedgerRow("dp_0", 9_995, "succeeded", "external"),)
+    assert len(ledger_violations(plan, broken(plan, ledger_rows=as_refund))) == 2
+    won = (ProcessorDisputeFact("dp_0", 9_995, "won"),)
+    assert processor_refund_violations(plan, broken(plan, processor_disputes=won)) == [
+        "reconcile-1 (standard, dispute lost): disputes dp_0 9995 won, expected 9995 lost"
+    ]
+
+
+def test_a_refund_failed_late_counts_nothing_and_leaves_access_taken() -> None:
+    plan = make_plan(fail_late=True)
+    facts = good_facts(plan)
+    assert plan.ledger_cents == 0 and plan.purchase_status == "revoked"
+    assert processor_refund_violations(plan, facts) == []
+    succeeded = (ProcessorRefundFact("re_0", 9_995, "succeeded", plan.workflow_id),)
+    assert processor_refund_violations(
+        plan, broken(plan, processor_refunds=succeeded, processor_refunded_cents=9_995)
+    ) == [
+        "refund-1 (standard, fails late): refunds by the saga: re_0 9995 succeeded, expected "
+        "one of 9995 failed late",
+        "refund-1 (standard, fails late): charge ch_0 amount_refunded 9995, expected 0",
+    ]
+    # The ledger still counting the failed refund.
+    assert ledger_violations(
+        plan,
+        broken(
+            plan,
+            ledger_rows=(LedgerRow("re_0", 9_995, "succeeded", "processor"),),
+            ledger_refunded_cents=9_995,
+            purchase_status="refunded",
+        ),
+    ) == [
+        "refund-1 (standard, fails late): ledger rows [('re_0', 9995)] but the processor holds []",
+        "refund-1 (standard, fails late): purchase.refunded_cents 9995, expected 0 (processor: 0)",
+        "refund-1 (standard, fails late): purchase status refunded, expected revoked",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("plan", "changes", "expected"),
+    [
+        (
+            make_plan(money_back="refund"),
+            {"progress_left": 6, "archived": 0},
+            "reconcile-1 (standard, refunded outside): has access, though the money went back "
+            "(6 progress left, purchase refunded, AMS removed)",
+        ),
+        (
+            make_plan("oasis_entitled", money_back="dispute"),
+            {"purchase_status": "active"},
+            "reconcile-1 (oasis_entitled, dispute lost): has access, though the money went back "
+            "(0 progress left, purchase active, AMS None)",
+        ),
+        (
+            make_plan("manual_ams", money_back="refund"),
+            {"saga_ams_state": "pending"},
+            "reconcile-1 (manual_ams, refunded outside): has access, though the money went back "
+            "(0 progress left, purchase refunded, AMS active)",
+        ),
+        (
+            make_plan("partial", money_back="refund", money_back_cents=10_000),
+            {"ams_entitlement": "removed"},
+            "reconcile-1 (partial, partly refunded outside): lost access, though only part of "
+            "the money went back (4 progress left, purchase partially_refunded, AMS removed)",
+        ),
+        (
+            make_plan(reject=True),
+            {"ams_entitlement": "removed"},
+            "refund-1 (standard, rejected): lost access, though the refund was rejected "
+            "(6 progress left, purchase active, AMS removed)",
+        ),
+    ],
+)
+def test_access_must_follow_the_money(
+    plan: SagaPlan, changes: dict[str, Any], expected: str
+) -> None:
+    assert access_violations(plan, good_facts(plan)) == []
+    facts = broken(plan, **changes)
+    # Progress left also grants access: take it away to see the entitlement's part alone.
+    if "progress_left" not in changes and not plan.revokes:
+        facts = dataclasses.replace(facts, progress_left=0)
+        expected = expected.replace(f"({plan.progress_seeded} progress", "(0 progress")
+    assert access_violations(plan, facts) == [expected]
+
+
+def test_access_is_judged_once_the_saga_ended_as_planned() -> None:
+    plan = make_plan(money_back="refund")
+    waiting = broken(plan, end_state=None, progress_left=6, archived=0)
+    assert access_violations(plan, waiting) == []
+    assert end_state_violations(plan, waiting) != []
+
+
+def test_two_sagas_of_a_purchase_at_the_same_time_are_reported() -> None:
+    plan = make_plan(money_back="refund")
+    mine = good_facts(plan).sagas[0]
+    support = dataclasses.replace(
+        mine, workflow_id="refund-1", source=None, reconciled=None, started_at=150.0
+    )
+    assert saga_overlap_violations(plan, broken(plan, sagas=(mine, support))) == [
+        "reconcile-1 (standard, refunded outside): other sagas of the purchase: refund-1",
+        "reconcile-1 (standard, refunded outside): reconcile-1 and refund-1 ran at the same time",
+    ]
+    # One after the other: not at the same time, yet a saga this run never asked for.
+    later = dataclasses.replace(support, started_at=170.0, closed_at=None)
+    assert saga_overlap_violations(plan, broken(plan, sagas=(mine, later))) == [
+        "reconcile-1 (standard, refunded outside): other sagas of the purchase: refund-1"
+    ]
+    # A reset's runs follow each other under one workflow id: one saga.
+    reset = dataclasses.replace(mine, run_id="run-2", started_at=130.0, closed_at=None)
+    old = dataclasses.replace(mine, status="TERMINATED", closed_at=130.0, reconciled=None)
+    assert saga_overlap_violations(plan, broken(plan, sagas=(old, reset))) == []
+    assert saga_overlap_violations(plan, broken(plan, sagas=())) == [
+        "reconcile-1 (standard, refunded outside): Temporal lists no run of its saga"
+    ]
+
+
+def test_money_back_reconciled_twice_or_never_is_reported() -> None:
+    plan = make_plan(money_back="refund")
+    mine = good_facts(plan).sagas[0]
+    again = dataclasses.replace(mine, run_id="run-2", started_at=200.0, closed_at=210.0)
+    label = "reconcile-1 (standard, refunded outside)"
+    assert reconciliation_violations(plan, broken(plan, sagas=(mine, again))) == [
+        f"{label}: re_ext0 reconciled 2 times: reconcile-1/run-1, reconcile-1/run-2"
+    ]
+    unfinished = dataclasses.replace(mine, status="RUNNING", closed_at=None, reconciled=None)
+    assert reconciliation_violations(plan, broken(plan, sagas=(unfinished,))) == [
+        f"{label}: re_ext0 went back outside OASIS and was never reconciled"
+    ]
+    # A saga's own refund taken for money back outside OASIS.
+    support = make_plan()
+    wrong = _run(support, reconciled="re_0", workflow_id="reconcile-1", source="webhook")
+    assert reconciliation_violations(support, broken(support, sagas=(_run(support), wrong))) == [
+        "refund-1 (standard): re_0 was reconciled, but it is no money back outside OASIS: "
+        "reconcile-1/run-1"
+    ]
+
+
+def test_a_late_failure_needs_exactly_one_closed_ops_task() -> None:
+    plan = make_plan(fail_late=True)
+    task = good_facts(plan).ops_tasks[0]
+    label = "refund-1 (standard, fails late)"
+    assert ops_task_violations(plan, broken(plan, ops_tasks=())) == [
+        f"{label}: refund re_0 failed late: 0 ops tasks, expected 1"
+    ]
+    second = dataclasses.replace(task, run_id="task-2")
+    assert ops_task_violations(plan, broken(plan, ops_tasks=(task, second))) == [
+        f"{label}: refund re_0 failed late: 2 ops tasks, expected 1"
+    ]
+    # A later report of the same failure, refused because it was decided: not a second task.
+    refused = dataclasses.replace(task, run_id="task-2", state="OPS_TASK_REFUSED")
+    assert ops_task_violations(plan, broken(plan, ops_tasks=(task, refused))) == []
+    still_open = dataclasses.replace(task, status="RUNNING", state="OPS_TASK_OPEN")
+    assert ops_task_violations(plan, broken(plan, ops_tasks=(still_open,))) == [
+        f"{label}: refund re_0 failed late: its task is OPS_TASK_OPEN, not closed"
+    ]
+    other = make_plan()
+    stray = OpsTaskFact("refund-failed-re_0", "task-1", "RUNNING", "OPS_TASK_OPEN")
+    assert ops_task_violations(other, broken(other, ops_tasks=(stray,))) == [
+        "refund-1 (standard): an ops task for refund re_0, which did not fail late"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("plan", "changes", "invariant"),
+    [
+        (
+            make_plan(money_back="refund"),
+            {"progress_left": 6, "archived": 0},
+            "access_follows_money",
+        ),
+        (make_plan(money_back="refund"), {"sagas": ()}, "one_saga_per_purchase"),
+        (
+            make_plan(money_back="dispute"),
+            {"sagas": (_run(make_plan(money_back="dispute"), reconciled=None),)},
+            "one_reconciliation_per_object",
+        ),
+        (make_plan(fail_late=True), {"ops_tasks": ()}, "one_ops_task_per_late_failure"),
+        (make_plan(money_back="dispute"), {"ledger_rows": ()}, "ledger_matches_processor"),
+    ],
+)
+def test_each_broken_processor_event_fact_is_reported_under_its_invariant(
+    plan: SagaPlan, changes: dict[str, Any], invariant: str
+) -> None:
+    found = breached([(plan, broken(plan, **changes))])
+    assert invariant in found, found
+    assert all(plan.workflow_id in breach for breach in found[invariant])
+
+
+def test_processor_event_chaos_must_happen() -> None:
+    happened = processor_event_shortfalls(
+        webhooks={"dropped": 3, "duplicated": 2},
+        receiver_kills=1,
+        planned_receiver_kills=1,
+        money_back=3,
+        planned_money_back=3,
+        late_failures=1,
+        planned_late_failures=1,
+    )
+    assert happened == []
+    quiet = processor_event_shortfalls(
+        webhooks={"dropped": 0, "duplicated": 0},
+        receiver_kills=0,
+        planned_receiver_kills=1,
+        money_back=1,
+        planned_money_back=3,
+        late_failures=0,
+        planned_late_failures=1,
+    )
+    assert quiet == [
+        "no webhook delivery was dropped",
+        "no webhook delivery was duplicated",
+        "0 webhook receiver kills, 1 planned",
+        "1 refunds or disputes outside OASIS, 3 planned",
+        "0 late refund failures, 1 planned",
+    ]
+    # Webhook faults off: their counts are not asked for.
+    off = processor_event_shortfalls(
+        webhooks=None,
+        receiver_kills=0,
+        planned_receiver_kills=0,
+        money_back=0,
+        planned_money_back=0,
+        late_failures=0,
+        planned_late_failures=0,
+    )
+    assert off == []
