@@ -293,6 +293,12 @@ def reconciliation_violations(plan: SagaPlan, facts: SagaFacts) -> list[str]:
     problems: list[str] = []
     for object_id in sorted(money_back):
         runs = completed.get(object_id, [])
+        if plan.refunded_at_seeding:
+            # Refunded before anyone listened: support's saga records it (branch 4b), and no
+            # event or sweep ever reports it.
+            if runs:
+                problems.append(f"{object_id} was refunded at seeding yet reconciled: {runs}")
+            continue
         if not runs and not plan.reject:
             problems.append(f"{object_id} went back outside OASIS and was never reconciled")
         elif len(runs) > 1:

@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 # The scenario whose seed refunds the whole charge in the processor's dashboard.
+# Refunded in the dashboard at seeding, long before anyone listened (console.seed): no event
+# reports it, and support finds it by starting a saga (the seed's "already refunded" case).
 SEEDED_OUTSIDE = "already_refunded"
 
 
@@ -55,6 +57,11 @@ class SagaPlan:
         return self.money_back is not None
 
     @property
+    def refunded_at_seeding(self) -> bool:
+        """Refunded in full in the dashboard before anyone listened: support's saga finds it."""
+        return self.scenario == SEEDED_OUTSIDE
+
+    @property
     def workflow_id(self) -> str:
         """Support's saga, or the reconciliation the processor's events start."""
         if self.reconciles:
@@ -67,6 +74,8 @@ class SagaPlan:
 
     @property
     def full(self) -> bool:
+        if self.refunded_at_seeding:
+            return True
         if self.reconciles:
             return self.money_back_cents >= self.purchase_cents
         return self.partial_cents is None
@@ -79,13 +88,15 @@ class SagaPlan:
     @property
     def asked_cents(self) -> int:
         """The money the saga itself must move at the processor."""
-        if self.reject or self.reconciles:
+        if self.reject or self.reconciles or self.refunded_at_seeding:
             return 0
         return self.purchase_cents if self.partial_cents is None else self.partial_cents
 
     @property
     def external_cents(self) -> int:
         """The money refunded in the processor's dashboard."""
+        if self.refunded_at_seeding:
+            return self.purchase_cents
         return self.money_back_cents if self.money_back == "refund" else 0
 
     @property

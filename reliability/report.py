@@ -12,7 +12,7 @@ from reliability import faults as ext
 from reliability.config import ChaosConfig
 from reliability.faults import FAULT_KINDS
 from reliability.invariants import Invariant
-from reliability.records import SEEDED_OUTSIDE, RunRecord, SagaPlan, SagaRun, SweepFact
+from reliability.records import RunRecord, SagaPlan, SagaRun, SweepFact
 
 __all__ = ["build_report", "format_table", "processor_events_report"]
 
@@ -49,9 +49,7 @@ def processor_events_report(
     """
     kinds: Counter[str] = Counter()
     for plan in plans:
-        if plan.scenario == SEEDED_OUTSIDE:
-            kinds["seeded dashboard refund"] += 1
-        elif plan.money_back == "dispute":
+        if plan.money_back == "dispute":
             kinds["lost dispute"] += 1
         elif plan.money_back == "refund":
             kinds["dashboard refund" if plan.full else "partial dashboard refund"] += 1

@@ -2,7 +2,8 @@
 
 Most purchases get a saga from support. A share gets its money back outside OASIS instead (a
 dashboard refund, whole or in part, or a lost dispute) and its saga is the reconciliation the
-processor's events start; the `already_refunded` scenario is such a purchase from its seed on.
+processor's events start. The `already_refunded` scenario was refunded before anyone listened:
+support's saga finds it.
 A few sagas' refunds fail at the processor after the saga completed.
 """
 
@@ -51,23 +52,17 @@ class Choice:
 
 
 def plan_choices(n: int, rng: random.Random, reject_rate: float) -> list[Choice]:
-    """Scenarios evenly mixed and shuffled, some rejections, partial amounts, approver order.
-
-    An `already_refunded` purchase is reconciled, never rejected: a rejected reconciliation
-    leaves access to money that went back, and the sweep would ask again.
-    """
+    """Scenarios evenly mixed and shuffled, some rejections, partial amounts, approver order."""
     scenarios = [cast(Scenario, SCENARIOS[i % len(SCENARIOS)]) for i in range(n)]
     rng.shuffle(scenarios)
-    rejectable = [i for i, s in enumerate(scenarios) if s != SEEDED_OUTSIDE]
-    rejects = min(len(rejectable), max(1, round(n * reject_rate))) if n >= 2 else 0
-    rejected = set(rng.sample(rejectable, rejects))
+    rejects = min(n, max(1, round(n * reject_rate))) if n >= 2 else 0
+    rejected = set(rng.sample(range(n), rejects))
     choices = []
     for i, scenario in enumerate(scenarios):
         # Below the partial product's price (249.00), in whole dollars.
         partial = rng.randrange(5, 240) * 100 if scenario == "partial" else None
         approvers = tuple(rng.sample(APPROVERS, len(APPROVERS)))
-        money_back: MoneyBack | None = "refund" if scenario == SEEDED_OUTSIDE else None
-        choices.append(Choice(scenario, i in rejected, partial, approvers, money_back))
+        choices.append(Choice(scenario, i in rejected, partial, approvers))
     return choices
 
 
@@ -173,9 +168,7 @@ def seed_all(settings: Settings, choices: Sequence[Choice], say: Reporter) -> li
     finally:
         store.close()
     say(f"seeded {len(plans)} purchases: {dict(Counter(p.scenario for p in plans))}")
-    outside = Counter(
-        f"{c.money_back}" for c in choices if c.money_back and c.scenario != SEEDED_OUTSIDE
-    )
+    outside = Counter(f"{c.money_back}" for c in choices if c.money_back)
     late = sum(1 for c in choices if c.fail_late)
     say(f"money back outside OASIS planned: {dict(outside)}; refunds failing late: {late}")
     return plans

@@ -58,12 +58,10 @@ def make_plan(
     money_back_cents: int | None = None,
     fail_late: bool = False,
 ) -> SagaPlan:
-    """A plan as the harness makes it; `already_refunded` is refunded in full in the dashboard
-    at seeding, `money_back` makes any other scenario's money go back outside OASIS."""
+    """A plan as the harness makes it; `money_back` makes the money go back outside OASIS (an
+    `already_refunded` purchase was refunded before anyone listened: support's saga finds it)."""
     source, price, progress = _SOURCES[scenario]
     member = None if source == "oasis" else f"M-{index}"
-    if scenario == "already_refunded":
-        money_back = "refund"
     return SagaPlan(
         index=index,
         scenario=scenario,
@@ -329,7 +327,7 @@ def test_a_refund_made_elsewhere_must_be_the_seeded_external_one() -> None:
     # The saga refunded again what was refunded outside OASIS before it started.
     again = ProcessorRefundFact("re_dup", 9_995, "succeeded", plan.workflow_id)
     assert processor_refund_violations(plan, with_refunds(plan, again))[0] == (
-        "reconcile-1 (already_refunded): refunds by the saga, none expected: re_dup 9995 succeeded"
+        "refund-1 (already_refunded): refunds by the saga, none expected: re_dup 9995 succeeded"
     )
     other = make_plan()
     stray = ProcessorRefundFact("re_stray", 100, "succeeded", None)
@@ -364,7 +362,7 @@ def test_a_rejected_saga_must_leave_the_ledger_empty() -> None:
     plan = make_plan("already_refunded", reject=True)
     row = LedgerRow("re_ext0", 9_995, "succeeded", "external")
     assert ledger_violations(plan, broken(plan, ledger_rows=(row,))) == [
-        "reconcile-1 (already_refunded, rejected): ledger rows [('re_ext0', 9995)] but the "
+        "refund-1 (already_refunded, rejected): ledger rows [('re_ext0', 9995)] but the "
         "processor holds [('re_ext0', 9995)] (rejected: the ledger must stay empty)"
     ]
     partial = make_plan("partial")
