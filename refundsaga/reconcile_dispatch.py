@@ -21,6 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from refundsaga import search_attributes as sa
 from refundsaga.contracts import SagaState
+from refundsaga.failed_refunds import FailedRefundState
 from refundsaga.ids import failed_refund_id_for, reconcile_id_for
 from refundsaga.processor_events import PROCESSOR_EVENT_SIGNAL, EventSource
 from refundsaga.reconcile import (
@@ -50,6 +51,7 @@ SAGA_NOT_COMPLETED = "saga_not_completed"
 SAGA_NOT_FOUND = "saga_not_found"
 # Started, or found open.
 FAILED_TASK_STARTED = "failed_task_started"
+FAILED_TASK_DECIDED = "failed_task_decided"
 RECONCILE_STARTED = "reconcile_started"
 UNKNOWN_CHARGE = "unknown_charge"
 ALREADY_RECONCILED = "already_reconciled"
@@ -168,11 +170,21 @@ class ReconcileDispatcher:
         )
         if purchase_id is None:
             return UNKNOWN_CHARGE
+        task_id = failed_refund_id_for(failure.refund_id)
+        latest = await self._describe(task_id, None)
+        if (
+            latest is not None
+            and latest.status != WorkflowExecutionStatus.RUNNING
+            and latest.typed_search_attributes.get(sa.REFUND_STATE) == FailedRefundState.CLOSED
+        ):
+            # Ops decided it: a later report (a retried webhook, the sweep) has nothing to add,
+            # and a refused run after it would hide the decision from `refund failed show`.
+            return FAILED_TASK_DECIDED
         task = failure.task(purchase_id, saga_workflow_id)
         await self._client.start_workflow(
             FAILED_REFUND_WORKFLOW,
             task,
-            id=failed_refund_id_for(failure.refund_id),
+            id=task_id,
             task_queue=self._task_queue,
             # USE_EXISTING: one task per failed refund while it is open, however often the
             # failure is reported. A run after an ended one is allowed: the task itself refuses

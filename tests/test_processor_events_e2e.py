@@ -236,3 +236,7 @@ def test_a_refund_failed_after_completion_opens_one_ops_task(
     assert closed.returncode == 0, closed.stderr
     assert refund_json(live_stack, "failed", "show", task_id)["state"] == "OPS_TASK_CLOSED"
     assert [t for t in refund_json(live_stack, "failed", "list") if t["task_id"] == task_id] == []
+    # The sweep reports the failure again: the decision stands, no new run hides it.
+    assert refund(live_stack, "schedules", "sweep-now").returncode == 0
+    time.sleep(3)
+    assert refund_json(live_stack, "failed", "show", task_id)["state"] == "OPS_TASK_CLOSED"
