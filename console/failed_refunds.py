@@ -148,19 +148,28 @@ async def decide(
         decision = decision.model_copy(
             update={"signature": sign_failed_refund_decision(key, task_id, decision, run_id=run_id)}
         )
-    try:
-        receipt = await client.get_workflow_handle(task_id, run_id=run_id).execute_update(
-            DECIDE_UPDATE, decision, result_type=FailedRefundReceipt
-        )
-    except WorkflowUpdateFailedError as err:
-        cause = err.cause
-        text = getattr(cause, "message", None) or str(cause or err)
-        raise Refused(f"{task_id} refused: {text}") from err
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND or "already completed" in err.message.lower():
-            raise Refused(f"{task_id} has already ended; nothing to decide") from err
-        raise OperationError(f"cannot decide {task_id}: {err.message}") from err
-    return receipt
+    run = client.get_workflow_handle(task_id, run_id=run_id)
+    for attempt in (1, 2):
+        try:
+            return await run.execute_update(
+                DECIDE_UPDATE, decision, result_type=FailedRefundReceipt
+            )
+        except WorkflowUpdateFailedError as err:
+            cause = err.cause
+            text = getattr(cause, "message", None) or str(cause or err)
+            raise Refused(f"{task_id} refused: {text}") from err
+        except RPCError as err:
+            gone = (
+                err.status == RPCStatusCode.NOT_FOUND or "already completed" in err.message.lower()
+            )
+            if not gone:
+                raise OperationError(f"cannot decide {task_id}: {err.message}") from err
+            # An update in flight when its workflow task failed is lost, not refused: send it
+            # again while the run is still open (the task refuses a second decision).
+            still_open = (await run.describe()).status == WorkflowExecutionStatus.RUNNING
+            if attempt == 2 or not still_open:
+                raise Refused(f"{task_id} has already ended; nothing to decide") from err
+    raise AssertionError("unreachable")
 
 
 async def _retry_request(
